@@ -1,0 +1,104 @@
+"""LoRA as a param-tree transform: merge vs unmerged, zero init, gradients only on adapters."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wamglm_jax.models import lora as lora_lib
+
+
+class _Attn(nn.Module):
+    """DenseGeneral 3-D kernels like an attention block: q [D,H,Dh], out [H,Dh,D], mlp 2-D."""
+
+    @nn.compact
+    def __call__(self, x):                                   # float[B,T,D]
+        q = nn.DenseGeneral((2, 4), name="q_proj")(x)        # float[B,T,H,Dh]
+        y = nn.DenseGeneral(8, axis=(-2, -1), name="o_proj")(jnp.tanh(q))
+        return nn.Dense(5, name="fc")(y + x)
+
+
+def _setup():
+    m = _Attn()
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    params = m.init(jax.random.key(1), x)["params"]
+    return m, x, params
+
+
+def _randomize_b(lora, seed=3):
+    leaves, tdef = jax.tree_util.tree_flatten(lora)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tdef, [jax.random.normal(k, l.shape) * 0.3 for k, l in zip(keys, leaves)])
+
+
+def test_shapes_and_regex():
+    _, _, params = _setup()
+    lo = lora_lib.init_lora(params, 2, 4.0, r"(q_proj|o_proj)", jax.random.key(2))
+    assert set(lo) == {"q_proj", "o_proj"}
+    assert lo["q_proj"]["kernel"]["a"].shape == (8, 2) and lo["q_proj"]["kernel"]["b"].shape == (2, 8)
+    assert lo["o_proj"]["kernel"]["a"].shape == (8, 2) and lo["o_proj"]["kernel"]["b"].shape == (2, 8)
+    assert not np.any(np.asarray(lo["q_proj"]["kernel"]["b"]))
+    with pytest.raises(ValueError, match="matched no kernel"):
+        lora_lib.init_lora(params, 2, 4.0, r"nothing_here", jax.random.key(2))
+
+
+def test_zero_init_is_identity():
+    m, x, params = _setup()
+    lo = lora_lib.init_lora(params, 2, 4.0, r".", jax.random.key(2))
+    y0 = m.apply({"params": params}, x)
+    y1 = m.apply({"params": lora_lib.apply_lora(params, lo, 4.0)}, x)
+    np.testing.assert_array_equal(np.asarray(y0), np.asarray(y1))
+
+
+def test_merge_matches_numpy_and_unmerged_forward():
+    m, x, params = _setup()
+    alpha, r = 4.0, 2
+    lo = _randomize_b(lora_lib.init_lora(params, r, alpha, r".", jax.random.key(2)))
+    merged = lora_lib.merge(params, lo, alpha)
+    # independent numpy merge: o_proj [H,Dh,D] flattens its first two axes as input
+    for name in ("q_proj", "o_proj", "fc"):
+        w = np.asarray(params[name]["kernel"], np.float64)
+        a = np.asarray(lo[name]["kernel"]["a"], np.float64)
+        b = np.asarray(lo[name]["kernel"]["b"], np.float64)
+        d_in = a.shape[0]
+        want = (w.reshape(d_in, -1) + alpha / r * a @ b).reshape(w.shape)
+        np.testing.assert_allclose(np.asarray(merged[name]["kernel"]), want, atol=1e-6)
+    unmerged = jax.jit(lambda p, l: m.apply({"params": lora_lib.apply_lora(p, l, alpha)}, x))
+    y_u = unmerged(params, lo)
+    y_m = m.apply({"params": merged}, x)
+    np.testing.assert_allclose(np.asarray(y_u), np.asarray(y_m), atol=1e-5, rtol=1e-5)
+    assert np.abs(np.asarray(y_m) - np.asarray(m.apply({"params": params}, x))).max() > 1e-3
+
+
+def test_gradients_only_reach_adapters_when_params_frozen():
+    m, x, params = _setup()
+    lo = _randomize_b(lora_lib.init_lora(params, 2, 4.0, r"q_proj", jax.random.key(2)))
+
+    def loss(l, p):
+        return jnp.sum(m.apply({"params": lora_lib.apply_lora(p, l, 4.0)}, x) ** 2)
+
+    g_lora = jax.grad(loss)(lo, params)
+    assert jax.tree_util.tree_structure(g_lora) == jax.tree_util.tree_structure(lo)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(g_lora))
+    # finite difference on one adapter entry, independent of autodiff
+    eps = 1e-3
+    a = lo["q_proj"]["kernel"]["a"]
+    lp = jax.tree_util.tree_map(lambda z: z, lo)
+    lp["q_proj"]["kernel"]["a"] = a.at[0, 0].add(eps)
+    lm = jax.tree_util.tree_map(lambda z: z, lo)
+    lm["q_proj"]["kernel"]["a"] = a.at[0, 0].add(-eps)
+    fd = (loss(lp, params) - loss(lm, params)) / (2 * eps)
+    np.testing.assert_allclose(float(g_lora["q_proj"]["kernel"]["a"][0, 0]), float(fd), rtol=2e-2)
+
+
+def test_stacked_layers_get_one_adapter_per_layer():
+    params = {"layers": {"mlp": {"kernel": jax.random.normal(jax.random.key(0), (3, 4, 6))}}}
+    lo = _randomize_b(lora_lib.init_lora(params, 2, 2.0, r"mlp", jax.random.key(1),
+                                         stacked_regex=r"^layers/"))
+    a, b = lo["layers"]["mlp"]["kernel"]["a"], lo["layers"]["mlp"]["kernel"]["b"]
+    assert a.shape == (3, 4, 2) and b.shape == (3, 2, 6)
+    merged = lora_lib.merge(params, lo, 2.0)["layers"]["mlp"]["kernel"]
+    for i in range(3):
+        want = np.asarray(params["layers"]["mlp"]["kernel"][i]) + np.asarray(a[i]) @ np.asarray(b[i])
+        np.testing.assert_allclose(np.asarray(merged[i]), want, atol=1e-6)
