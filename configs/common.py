@@ -36,3 +36,21 @@ def base_config(model: str = "tiny") -> ml_collections.ConfigDict:
     config.stage1 = ml_collections.ConfigDict()
     config.stage2 = ml_collections.ConfigDict()
     return config
+
+
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with the run-level sections main.py needs, where a config lacks them.
+
+    Fills `seed`, `mesh` and `sharding_rules` from base_config (e.g. for
+    `configs/presets.py:<name>`, which only defines `model` and `stages`); never overrides a
+    value the config sets. `stages` has no default: a config must say what to run.
+    """
+    if "stages" not in config:
+        raise ValueError("config has no `stages` field: set config.stages, e.g. ('shapes',) or "
+                         "('stage1', 'stage2')")
+    out = ml_collections.ConfigDict(config.to_dict())   # unlocked copy
+    base = base_config("tiny")
+    for key in ("seed", "mesh", "sharding_rules"):
+        if key not in out:
+            out[key] = base[key]
+    return out

@@ -58,4 +58,11 @@ def model_config(name: str) -> ml_collections.ConfigDict:
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = model_config(arg or "tiny")
+    config.stages = ("shapes",)     # main.py: print param shapes/shardings (wamglm_jax/train/shapes.py)
+    # Run-level sections so main.py overrides like --config.mesh.fsdp=4 work (lazy import:
+    # configs/common.py imports this module).
+    from configs.common import base_config
+    base = base_config(arg or "tiny")
+    for key in ("seed", "mesh", "sharding_rules"):
+        config[key] = base[key]
     return config

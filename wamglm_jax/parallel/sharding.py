@@ -134,6 +134,15 @@ def _is_box(x) -> bool:
     return isinstance(x, nn.meta.AxisMetadata)
 
 
+def unbox_values(tree):
+    """Strip nn.Partitioned boxes without applying sharding constraints.
+
+    (`nn.unbox` constrains each value when a mesh is set, which fails on abstract or
+    uncommitted arrays outside jit; inside jit use `nn.unbox`, whose constraints are wanted.)
+    """
+    return jax.tree_util.tree_map(lambda x: x.value if _is_box(x) else x, tree, is_leaf=_is_box)
+
+
 def check_shardable(abstract, mesh: Mesh, rules) -> None:
     """Every boxed leaf: each logical axis has a rule, and each sharded dim divides its axes.
 
