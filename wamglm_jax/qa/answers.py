@@ -1,0 +1,196 @@
+"""Canonical answer sentences per question kind, and `parse_answer` that extracts the value
+back from any text (a model's answer included). Evaluation compares the parsed value with the
+item's answer_key value.
+
+Kinds and their values (the `value` of an answer_key entry):
+  defect_type   list[str]  sorted canonical pattern names; [] = no pattern (none)
+  why_type      {"kb_keys": list[str]}   entries whose `description` is given ([\"none\"] if none)
+  location      {"zones": list[str] (center/middle/edge, or ["spread"], [] = no failing die),
+                 "side": "upper-left"|...|"upper"|"lower"|"left"|"right"|"none"|None}
+  zone_extent   {"zone": str, "failing": int, "total": int}
+  count         {"failing": int, "total": int}
+  yield         {"yield_pct": float}
+  area          {"area_pct": float}
+  cause         {"kb_keys": list[str]}   entries whose causes are all given
+  adjustment    {"kb_keys": list[str]}   entries whose actions are all given
+  severity      {"severity": str, "kb_key": str}
+  why_severity  {"kb_keys": list[str]}   entry whose severity_reason is given
+  batch         {"lot": None} (cannot tell) or {"lot": str, "n_wafers": int, "n_sharing": int}
+`parse_answer` returns the same structure (kb-valued kinds: the set of keys found, sorted;
+fields it cannot find are None).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from wamglm_jax.data.labels import WM811K_CLASSES
+from wamglm_jax.qa.knowledge_base import KnowledgeBase, load_knowledge_base
+
+KINDS = ("defect_type", "why_type", "location", "zone_extent", "count", "yield", "area", "cause",
+         "adjustment", "severity", "why_severity", "batch")
+PATTERNS = tuple(p for p in WM811K_CLASSES if p != "none")
+ZONE_TEXT = {"center": "the center", "middle": "the middle ring", "edge": "the edge"}
+CANNOT_TELL = "I cannot tell from this map"
+
+_kb_cache: dict = {}
+
+
+def _kb(kb: KnowledgeBase | None) -> KnowledgeBase:
+    if kb is None:
+        kb = _kb_cache.setdefault("default", load_knowledge_base())
+    return kb
+
+
+def _join(items: list[str]) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _types_or_none(types: list[str]) -> list[str]:
+    return list(types) if types else ["none"]
+
+
+def _pname(p: str) -> str:
+    return "a map without a pattern" if p == "none" else p
+
+
+def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None) -> str:
+    kb = _kb(kb)
+    if kind == "defect_type":
+        if not value:
+            return "No defect pattern: the wafer map looks normal (none)."
+        if len(value) == 1:
+            return f"This wafer shows a {value[0]} pattern."
+        return f"This wafer shows a mixed pattern of {_join(value)}."
+    if kind in ("why_type", "cause", "adjustment", "why_severity"):
+        keys = value["kb_keys"]
+        if kind == "why_type":
+            if keys == ["none"]:
+                return f"Because the failures show {kb['none'].description}."
+            return "Because " + "; ".join(
+                f"{p} is {kb[p].description}, {kb[p].appears}" for p in keys) + "."
+        if kind == "cause":
+            return " ".join(f"Commonly cited causes for {_pname(p)}: {'; '.join(kb[p].causes)}."
+                            for p in keys)
+        if kind == "adjustment":
+            return " ".join(f"For {_pname(p)}: {'; '.join(kb[p].actions)}." for p in keys)
+        e = kb[keys[0]]
+        return f"Because {_pname(e.pattern)} means {e.severity_reason}."
+    if kind == "location":
+        zones, side = value["zones"], value["side"]
+        if not zones:
+            return "There are no failing dies on this wafer."
+        zp = ("spread over all radial zones" if zones == ["spread"]
+              else "concentrated at " + _join([ZONE_TEXT[z] for z in zones]))
+        if side in (None, "none"):
+            sp = "with no preferred side"
+        elif "-" in side:
+            sp = f"mostly in the {side} quadrant"
+        else:
+            sp = f"mostly in the {side} half"
+        return f"The failing dies are {zp}, {sp}."
+    if kind == "zone_extent":
+        z = value["zone"]
+        if value["total"] == 0:
+            return f"This map has no dies in {ZONE_TEXT[z]} zone."
+        pct = round(100.0 * value["failing"] / value["total"], 1)
+        return (f"At {ZONE_TEXT[z]}, {value['failing']} of {value['total']} dies fail "
+                f"({pct}%).")
+    if kind == "count":
+        return f"{value['failing']} of the {value['total']} dies fail."
+    if kind == "yield":
+        return f"The yield is {value['yield_pct']}%."
+    if kind == "area":
+        return f"The failing dies cover {value['area_pct']}% of the wafer area."
+    if kind == "severity":
+        e = kb[value["kb_key"]]
+        return f"Severity: {value['severity']}. Recommended disposition: {e.disposition}."
+    if kind == "batch":
+        if value["lot"] is None:
+            return f"{CANNOT_TELL}: it has no lot information, so I cannot compare it with other wafers."
+        n, s = value["n_wafers"], value["n_sharing"]
+        if n <= 1:
+            return f"Lot {value['lot']} has only this wafer in the data, so there is nothing to compare."
+        return (f"Lot {value['lot']} has {n} wafers in the data; {s} of the other {n - 1} "
+                "share a defect type with this one.")
+    raise ValueError(f"render_answer: unknown kind {kind!r}; expected one of {KINDS}")
+
+
+_INT = r"(\d+)"
+_NUM = r"(\d+(?:\.\d+)?)"
+_PAT_RE = re.compile(r"\b(Edge[-_ ]?Loc|Edge[-_ ]?Ring|Near[-_ ]?full|Center|Centre|Donut|Loc|"
+                     r"Random|Scratch)\b", re.IGNORECASE)
+
+
+def _canon_pattern(s: str) -> str:
+    key = re.sub(r"[-_ ]", "", s.lower())
+    return {"edgeloc": "Edge-Loc", "edgering": "Edge-Ring", "nearfull": "Near-full",
+            "centre": "Center"}.get(key, key.capitalize() if key != "loc" else "Loc")
+
+
+def _kb_keys(text: str, kb: KnowledgeBase, field: str) -> list[str]:
+    t = text.lower()
+    return sorted(p for p, e in kb.entries.items()
+                  if all(s.lower() in t for s in ((getattr(e, field),) if isinstance(
+                      getattr(e, field), str) else getattr(e, field))))
+
+
+def parse_answer(kind: str, text: str, kb: KnowledgeBase | None = None) -> Any:
+    """Extracts the value of a `kind` answer from free text (see the module docstring)."""
+    kb = _kb(kb)
+    if kind == "defect_type":
+        found = sorted({_canon_pattern(s) for s in _PAT_RE.findall(text)})
+        return found
+    if kind in ("why_type", "cause", "adjustment", "why_severity"):
+        field = {"why_type": "description", "cause": "causes", "adjustment": "actions",
+                 "why_severity": "severity_reason"}[kind]
+        return {"kb_keys": _kb_keys(text, kb, field)}
+    if kind == "location":
+        t = text.lower()
+        if "no failing" in t:
+            return {"zones": [], "side": None}
+        if "spread" in t:
+            zones = ["spread"]
+        else:
+            zones = [z for z in ("center", "middle", "edge") if re.search(rf"\b{z}", t)]
+        q = re.search(r"\b(upper|lower)[- ](left|right)\b", t)
+        h = re.search(r"\b(upper|lower|left|right) half\b", t)
+        side = (f"{q.group(1)}-{q.group(2)}" if q else h.group(1) if h else
+                "none" if "no preferred side" in t else None)
+        return {"zones": zones, "side": side}
+    if kind == "zone_extent":
+        t = text.lower()
+        z = next((z for z in ("center", "middle", "edge") if z in t), None)
+        if "no dies" in t:
+            return {"zone": z, "failing": 0, "total": 0}
+        m = re.search(_INT + r" of " + _INT, t)
+        return {"zone": z, "failing": int(m.group(1)) if m else None,
+                "total": int(m.group(2)) if m else None}
+    if kind == "count":
+        m = re.search(_INT + r" of (?:the )?" + _INT, text)
+        if m:
+            return {"failing": int(m.group(1)), "total": int(m.group(2))}
+        m = re.search(_INT, text)
+        return {"failing": int(m.group(1)) if m else None, "total": None}
+    if kind in ("yield", "area"):
+        m = re.search(_NUM + r"\s*%", text)
+        return {f"{kind}_pct": float(m.group(1)) if m else None}
+    if kind == "severity":
+        t = text.lower()
+        found = [s for s in kb.severity_levels if re.search(rf"\b{re.escape(s.lower())}\b", t)]
+        m = re.search(r"severity:\s*(\w+)", t)
+        sev = m.group(1) if m and m.group(1) in kb.severity_levels else (found[0] if found else None)
+        return {"severity": sev}
+    if kind == "batch":
+        if "cannot tell" in text.lower():
+            return {"lot": None}
+        m = re.search(r"Lot (\S+?) has", text)
+        lot = m.group(1) if m else None
+        if re.search(r"only this wafer", text):
+            return {"lot": lot, "n_wafers": 1, "n_sharing": 0}
+        n = re.search(_INT + r" wafers", text)
+        s = re.search(_INT + r" of the other", text)
+        return {"lot": lot, "n_wafers": int(n.group(1)) if n else None,
+                "n_sharing": int(s.group(1)) if s else None}
+    raise ValueError(f"parse_answer: unknown kind {kind!r}; expected one of {KINDS}")

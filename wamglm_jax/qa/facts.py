@@ -1,0 +1,135 @@
+"""Facts computed from a wafer map (and its dataset, for lot comparisons).
+
+Every number a dialogue states comes from here. Definitions (deterministic, documented so a test
+or a person can recompute them by hand):
+
+* Dies: cells with value > 0 (1 good, 2 failing). `total` = number of dies, `failing` = number
+  of cells == 2. `yield_pct` = 100 * (total - failing) / total, `area_pct` = 100 * failing /
+  total (the failing share of the wafer area, dies being equal cells), both rounded to 1 decimal
+  with Python's `round`.
+* Geometry: the wafer centre (cy, cx) is the mean row / column index of all dies; a die's
+  distance d is the Euclidean distance of its (row, col) from the centre; R is the largest d
+  over all dies (1 if that is 0); rho = d / R in [0, 1].
+* Radial zones: `center` rho < 0.3, `middle` 0.3 <= rho < 0.8, `edge` rho >= 0.8.
+* Concentration zones: density_z = failing_z / dies_z per zone (zones without dies skipped);
+  p = failing / total. If max density >= 1.3 p, the concentration zones are every zone with
+  density >= 0.6 * max density (in center, middle, edge order); otherwise ["spread"]. No
+  failing die at all -> [].
+* Side (where the failing dies lie as the map is displayed: row 0 at the top, column 0 on the
+  left): a failing die is `upper` if row < cy else `lower`, `left` if col < cx else `right`.
+  If one quadrant holds >= 50 % of the failing dies the side is that quadrant
+  ("upper-left", ...); else if one half (upper/lower/left/right, checked in that order) holds
+  >= 70 % the side is that half; else "none" (no preferred side). No failing die -> None.
+* Batch (lot) comparison: wafers of the same lot in the dataset (meta['lot'] equal and not
+  None). `n_sharing` counts the OTHER wafers of the lot whose defect set shares a type with this
+  wafer's (for a wafer without pattern: other wafers also without pattern). No lot -> None:
+  the dialogue says it cannot tell, never invents a lot.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from wamglm_jax.data.labels import defect_set
+
+ZONES = ("center", "middle", "edge")
+ZONE_EDGES = (0.3, 0.8)          # rho thresholds between center|middle and middle|edge
+CONCENTRATION_RATIO = 1.3         # max zone density must exceed overall density by this
+ZONE_KEEP_RATIO = 0.6             # zones within this fraction of the max density are named
+QUADRANT_SHARE = 0.5
+HALF_SHARE = 0.7
+QUADRANTS = ("upper-left", "upper-right", "lower-left", "lower-right")
+HALVES = ("upper", "lower", "left", "right")
+
+
+def _geometry(m: np.ndarray):
+    rows, cols = np.nonzero(m > 0)
+    cy, cx = rows.mean(), cols.mean()
+    d = np.sqrt((rows - cy) ** 2 + (cols - cx) ** 2)
+    r_max = d.max() if d.max() > 0 else 1.0
+    rho = d / r_max
+    zone = np.where(rho < ZONE_EDGES[0], 0, np.where(rho < ZONE_EDGES[1], 1, 2))
+    return rows, cols, cy, cx, zone
+
+
+def compute_facts(m: np.ndarray) -> dict[str, Any]:
+    """Facts of one map uint8[H,W] (0 off / 1 good / 2 fail) as a JSON-friendly dict:
+    total, failing, yield_pct, area_pct, zones {zone: {dies, failing}}, location
+    {zones: list[str], side: str|None}."""
+    m = np.asarray(m)
+    if m.ndim != 2 or not (m > 0).any():
+        raise ValueError(f"compute_facts: expected a 2-D map with at least one die, got shape "
+                         f"{m.shape} with {int((m > 0).sum())} dies")
+    rows, cols, cy, cx, zone = _geometry(m)
+    fail = m[rows, cols] == 2
+    total, failing = int(len(rows)), int(fail.sum())
+    zones = {z: {"dies": int((zone == i).sum()), "failing": int((fail & (zone == i)).sum())}
+             for i, z in enumerate(ZONES)}
+    return {
+        "total": total,
+        "failing": failing,
+        "yield_pct": round(100.0 * (total - failing) / total, 1),
+        "area_pct": round(100.0 * failing / total, 1),
+        "zones": zones,
+        "location": {"zones": _concentration(zones, failing, total),
+                     "side": _side(rows[fail], cols[fail], cy, cx)},
+    }
+
+
+def _concentration(zones: dict, failing: int, total: int) -> list[str]:
+    if failing == 0:
+        return []
+    dens = {z: v["failing"] / v["dies"] for z, v in zones.items() if v["dies"] > 0}
+    top = max(dens.values())
+    if top < CONCENTRATION_RATIO * failing / total:
+        return ["spread"]
+    return [z for z in ZONES if z in dens and dens[z] >= ZONE_KEEP_RATIO * top]
+
+
+def _side(frows: np.ndarray, fcols: np.ndarray, cy: float, cx: float) -> str | None:
+    n = len(frows)
+    if n == 0:
+        return None
+    up, left = frows < cy, fcols < cx
+    quad = {"upper-left": up & left, "upper-right": up & ~left,
+            "lower-left": ~up & left, "lower-right": ~up & ~left}
+    for q in QUADRANTS:
+        if quad[q].sum() >= QUADRANT_SHARE * n:
+            return q
+    half = {"upper": up, "lower": ~up, "left": left, "right": ~left}
+    for h in HALVES:
+        if half[h].sum() >= HALF_SHARE * n:
+            return h
+    return "none"
+
+
+def lot_index(meta: Sequence[dict] | None) -> dict[str, list[int]]:
+    """lot id -> indices of the wafers with that lot (wafers without a lot are left out)."""
+    out: dict[str, list[int]] = {}
+    for i, md in enumerate(meta or []):
+        lot = (md or {}).get("lot")
+        if lot is not None and str(lot) != "":
+            out.setdefault(str(lot), []).append(i)
+    return out
+
+
+def batch_facts(index: int, labels: Sequence[int], label_space: str,
+                meta: Sequence[dict] | None, lots: dict[str, list[int]] | None = None
+                ) -> dict[str, Any]:
+    """{lot: None} when the wafer has no lot; else {lot, n_wafers, n_sharing}."""
+    md = (meta[index] if meta is not None and index < len(meta) else None) or {}
+    lot = md.get("lot")
+    if lot is None or str(lot) == "":
+        return {"lot": None}
+    lot = str(lot)
+    lots = lots if lots is not None else lot_index(meta)
+    members = lots.get(lot, [index])
+    mine = defect_set(label_space, int(labels[index]))
+    sharing = 0
+    for j in members:
+        if j == index:
+            continue
+        other = defect_set(label_space, int(labels[j]))
+        sharing += bool(mine & other) if mine else (not other)
+    return {"lot": lot, "n_wafers": len(members), "n_sharing": int(sharing)}
