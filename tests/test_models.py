@@ -1,0 +1,243 @@
+"""Model tests: KV cache vs full forward, causality, image splicing, scan vs unrolled, bf16."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import presets
+from wamglm_jax.models import (Decoder, ImageTokenError, WamGLM, check_image_tokens, init_cache,
+                               num_image_tokens)
+from wamglm_jax.models.layers import stack_layers, unstack_layers
+from wamglm_jax.models.vit import VisionTransformer
+
+
+def small_cfg(**kw):
+    cfg = presets.model_config("tiny")
+    cfg.vit.image_size, cfg.vit.patch_size = 16, 4          # N = 16
+    cfg.vit.num_layers, cfg.vit.feature_layer = 3, -2
+    cfg.lm.vocab_size, cfg.lm.num_layers = 97, 3
+    for k, v in kw.items():
+        obj = cfg
+        *path, last = k.split(".")
+        for p in path:
+            obj = obj[p]
+        obj[last] = v
+    return cfg
+
+
+def make_batch(cfg, b=3, t_text=7, seed=0):
+    """Tokens with N image tokens after a 2-token prefix; random text elsewhere."""
+    rng = np.random.default_rng(seed)
+    n = num_image_tokens(cfg)
+    t = n + t_text
+    tokens = rng.integers(4, cfg.lm.vocab_size, (b, t)).astype(np.int32)
+    tokens[:, 2:2 + n] = cfg.image_token_id
+    images = rng.random((b, cfg.vit.image_size, cfg.vit.image_size, 3)).astype(np.float32)
+    return images, tokens, np.ones((b, t), np.int32)
+
+
+def init_model(cfg, seed=0):
+    images, tokens, mask = make_batch(cfg)
+    return nn.unbox(WamGLM(cfg).init(jax.random.key(seed), images, tokens, mask)["params"])
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return small_cfg()
+
+
+@pytest.fixture(scope="module")
+def params(cfg):
+    return init_model(cfg)
+
+
+# ----------------------------------------------------------------------------- decoder / cache
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_kv_cache_matches_full_forward_with_padding(tie):
+    cfg = small_cfg(**{"lm.tie_embeddings": tie})
+    dec = Decoder(cfg)
+    rng = np.random.default_rng(1)
+    b, t = 3, 9
+    tokens = rng.integers(0, cfg.lm.vocab_size, (b, t)).astype(np.int32)
+    mask = np.ones((b, t), np.int32)
+    mask[1, :3] = 0            # left-padded row
+    mask[2, -2:] = 0           # right-padded row
+    p = dec.init(jax.random.key(0), tokens, attention_mask=mask)
+    full = np.asarray(dec.apply(p, tokens, attention_mask=mask))
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+
+    # 1) one token at a time from an empty cache (pads fed too, flagged invalid).
+    step = jax.jit(lambda c, tok, m, ps: dec.apply(p, tok, attention_mask=m, positions=ps,
+                                                   cache=c))
+    cache = init_cache(cfg, b, max_len=16)
+    for i in range(t):
+        lg, cache = step(cache, tokens[:, i:i + 1], mask[:, i:i + 1], pos[:, i:i + 1])
+        real = mask[:, i] == 1
+        np.testing.assert_allclose(np.asarray(lg)[real, 0], full[real, i], atol=1e-5, rtol=0)
+    assert int(cache["index"]) == t
+
+    # 2) prefill the first 5 tokens, then decode the rest one by one.
+    cache = init_cache(cfg, b, max_len=16)
+    lg, cache = dec.apply(p, tokens[:, :5], attention_mask=mask[:, :5], cache=cache)
+    real = mask[:, :5] == 1
+    np.testing.assert_allclose(np.asarray(lg)[real], full[:, :5][real], atol=1e-5, rtol=0)
+    for i in range(5, t):
+        lg, cache = step(cache, tokens[:, i:i + 1], mask[:, i:i + 1], pos[:, i:i + 1])
+        real = mask[:, i] == 1
+        np.testing.assert_allclose(np.asarray(lg)[real, 0], full[real, i], atol=1e-5, rtol=0)
+
+
+def test_decode_after_padded_prompts_equals_unpadded_forward():
+    """A row decoded after a left- or right-padded prompt gives the logits of the same real
+    tokens run alone without padding (pads invisible, positions exact)."""
+    cfg = small_cfg()
+    dec = Decoder(cfg)
+    rng = np.random.default_rng(2)
+    real_prompt = rng.integers(0, cfg.lm.vocab_size, 4).astype(np.int32)
+    cont = rng.integers(0, cfg.lm.vocab_size, 3).astype(np.int32)
+    p = dec.init(jax.random.key(1), real_prompt[None])
+    alone = np.asarray(dec.apply(p, np.concatenate([real_prompt, cont])[None]))[0]
+    pad = 0
+    prompts = np.array([[pad, pad] + list(real_prompt), list(real_prompt) + [pad, pad]],
+                       np.int32)
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], np.int32)
+    cache = init_cache(cfg, 2, max_len=12)
+    lg, cache = dec.apply(p, prompts, attention_mask=mask, cache=cache)
+    np.testing.assert_allclose(np.asarray(lg)[0, -1], alone[3], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(lg)[1, 3], alone[3], atol=1e-5, rtol=0)
+    nxt = mask.sum(1).astype(np.int32)          # position of the first decoded token
+    for j, tok in enumerate(cont):
+        lg, cache = dec.apply(p, np.full((2, 1), tok, np.int32), positions=(nxt + j)[:, None],
+                              cache=cache)
+        for r in range(2):
+            np.testing.assert_allclose(np.asarray(lg)[r, 0], alone[4 + j], atol=1e-5, rtol=0)
+
+
+def test_causality(cfg, params):
+    images, tokens, mask = make_batch(cfg, b=2)
+    model = WamGLM(cfg)
+    base = np.asarray(model.apply({"params": params}, images, tokens, mask))
+    n = num_image_tokens(cfg)
+    for t in (n + 2, tokens.shape[1] - 1):
+        changed = tokens.copy()
+        changed[:, t] = (changed[:, t] + 1) % cfg.lm.vocab_size
+        changed[:, t] = np.where(changed[:, t] == cfg.image_token_id, 5, changed[:, t])
+        out = np.asarray(model.apply({"params": params}, images, changed, mask))
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])
+        assert np.abs(out[:, t:] - base[:, t:]).max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- image splicing
+
+def test_image_embeddings_land_at_placeholders(cfg, params):
+    images, tokens, mask = make_batch(cfg, b=2)
+    n = num_image_tokens(cfg)
+    # Row 1: image tokens not contiguous and at a different offset.
+    rng = np.random.default_rng(3)
+    pos1 = np.sort(rng.choice(np.arange(1, tokens.shape[1]), n, replace=False))
+    tokens[1] = np.where(tokens[1] == cfg.image_token_id, 9, tokens[1])
+    tokens[1, pos1] = cfg.image_token_id
+    model = WamGLM(cfg)
+    v = {"params": params}
+    img = np.asarray(model.apply(v, images, method=WamGLM.encode_images))      # [B,N,D]
+    assert img.shape == (2, n, cfg.lm.hidden_size)
+    table = np.asarray(params["lm"]["embed_tokens"]["embedding"])
+    expect = table[tokens].copy()                                            # numpy oracle
+    for b in range(2):
+        j = 0
+        for t in range(tokens.shape[1]):
+            if tokens[b, t] == cfg.image_token_id:
+                expect[b, t] = img[b, j]
+                j += 1
+    got = np.asarray(model.apply(v, images, tokens, method=WamGLM.embed_inputs))
+    np.testing.assert_array_equal(got, expect)
+    # The full forward is the decoder run on exactly these embeddings.
+    logits = np.asarray(model.apply(v, images, tokens, mask))
+    ref = np.asarray(Decoder(cfg).apply({"params": params["lm"]}, inputs_embeds=expect,
+                                        attention_mask=mask))
+    np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=0)
+
+
+def test_wrong_placeholder_count_is_a_clear_error(cfg, params):
+    images, tokens, mask = make_batch(cfg, b=2)
+    bad = tokens.copy()
+    bad[1, 2] = 5                                   # row 1 now has N-1 image tokens
+    n = num_image_tokens(cfg)
+    with pytest.raises(ImageTokenError, match=rf"exactly N={n}.*row 1: {n - 1}"):
+        check_image_tokens(bad, cfg)
+    with pytest.raises(ImageTokenError, match="row 1"):
+        WamGLM(cfg).apply({"params": params}, images, bad, mask)
+    check_image_tokens(tokens, cfg)                 # the good batch passes
+    with pytest.raises(ImageTokenError, match="no images"):
+        WamGLM(cfg).apply({"params": params}, None, tokens, mask)
+
+
+# ----------------------------------------------------------------------------- scan / remat / bf16
+
+def test_scan_equals_unrolled_and_remat(cfg, params):
+    images, tokens, mask = make_batch(cfg, b=2)
+    ref = np.asarray(WamGLM(cfg).apply({"params": params}, images, tokens, mask))
+    stacked = stack_layers(params)
+    assert "layers" in stacked["lm"] and "layers" in stacked["vision"]["encoder"]
+    assert stacked["lm"]["layers"]["mlp"]["up_proj"]["kernel"].shape[0] == cfg.lm.num_layers
+    for remat in ("none", "full", "dots"):
+        scfg = small_cfg(scan_layers=True, remat=remat)
+        out = np.asarray(jax.jit(WamGLM(scfg).apply)({"params": stacked}, images, tokens, mask))
+        np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+    # The scanned model's own init has the same tree as the stacked params; round trip works.
+    scfg = small_cfg(scan_layers=True)
+    shapes = jax.eval_shape(lambda: nn.unbox(WamGLM(scfg).init(
+        jax.random.key(0), images, tokens, mask)["params"]))
+    assert jax.tree.structure(shapes) == jax.tree.structure(stacked)
+    assert jax.tree.all(jax.tree.map(lambda a, b: a.shape == b.shape, shapes, stacked))
+    back = unstack_layers(stacked)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), back, params))
+
+
+def test_scan_vit_features_and_gradients(cfg, params):
+    images, _, _ = make_batch(cfg, b=2)
+    vit_p = params["vision"]
+    feats, pooled = VisionTransformer(cfg).apply({"params": vit_p}, images)
+    scfg = small_cfg(scan_layers=True, remat="full")
+    sfeats, spooled = VisionTransformer(scfg).apply({"params": stack_layers(vit_p)}, images)
+    np.testing.assert_allclose(sfeats, feats, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(spooled, pooled, atol=1e-5, rtol=0)
+    # feature_layer=-2 really differs from the last block.
+    lcfg = small_cfg(**{"vit.feature_layer": -1})
+    last, _ = VisionTransformer(lcfg).apply({"params": vit_p}, images)
+    assert np.abs(np.asarray(last) - np.asarray(feats)).max() > 1e-3
+
+    def loss(p, c):
+        f, pl = VisionTransformer(c).apply({"params": p}, images)
+        return (f ** 2).mean() + (pl ** 2).mean()
+    g = jax.grad(loss)(vit_p, cfg)
+    sg = unstack_layers(jax.grad(loss)(stack_layers(vit_p), scfg))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g, sg)
+
+
+def test_bf16_compute_is_close(cfg, params):
+    images, tokens, mask = make_batch(cfg, b=2)
+    ref = np.asarray(WamGLM(cfg).apply({"params": params}, images, tokens, mask))
+    bcfg = small_cfg(dtype="bfloat16")
+    out = WamGLM(bcfg).apply({"params": params}, images, tokens, mask)
+    assert out.dtype == jnp.float32
+    out = np.asarray(out)
+    assert np.isfinite(out).all()
+    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max() + 0.05
+    # Same argmax for most tokens.
+    assert (out.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+
+
+def test_bad_config_errors():
+    with pytest.raises(ValueError, match="feature_layer"):
+        VisionTransformer(small_cfg(**{"vit.feature_layer": -5})).init(
+            jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        num_image_tokens(small_cfg(**{"vit.image_size": 18}))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        Decoder(small_cfg(**{"lm.num_kv_heads": 3})).init(jax.random.key(0),
+                                                           np.zeros((1, 4), np.int32))
+    with pytest.raises(ValueError, match="images shape"):
+        VisionTransformer(small_cfg()).init(jax.random.key(0), np.zeros((1, 8, 8, 3)))

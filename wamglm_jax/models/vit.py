@@ -1,0 +1,175 @@
+"""SigLIP-compatible vision transformer (Hugging Face `SiglipVisionModel`, no attention-pooling head).
+
+    images float[B,S,S,C] -> patch conv (stride P, HWIO kernel) + learned position embeddings
+    -> num_layers pre-LN blocks (layer_norm1, self_attn, layer_norm2, mlp with tanh GELU)
+    -> post_layernorm.
+
+Returns (features, pooled):
+    features float[B,N,Dv] = HF `hidden_states[vit.feature_layer]` (hidden_states[0] is the
+        embedding output, -1 the last block), taken BEFORE post_layernorm (what Llava feeds its
+        projector);
+    pooled float[B,Dv] = mean over the N tokens of post_layernorm(last block output) (stage 1).
+
+Param names mirror HF (`embeddings/patch_embedding`, `encoder/layers_i/self_attn/q_proj`, ...)
+so that export/hf_weights.py is a rename plus transposes. With scan_layers the blocks are one
+`encoder/layers` stack and the feature output is selected inside the scan (no per-layer copy).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from wamglm_jax.models.layers import (DenseND, LayerNorm, compute_dtype, constrain, maybe_remat,
+                                      scan_stack)
+
+ACT = ("batch", "length", "act_embed")
+
+
+def num_patches(cfg) -> int:
+    """N = (S / P)^2 for config.model (raises if P does not divide S)."""
+    s, p = cfg.vit.image_size, cfg.vit.patch_size
+    if s % p:
+        raise ValueError(f"config.model.vit.image_size={s} is not a multiple of patch_size={p}")
+    return (s // p) ** 2
+
+
+def feature_block(cfg) -> int:
+    """0-based index of the block whose output is `features` (-1 = the embeddings)."""
+    n, f = cfg.vit.num_layers, cfg.vit.feature_layer
+    k = f + n + 1 if f < 0 else f         # HF hidden_states index, 0..n
+    if not 0 <= k <= n:
+        raise ValueError(f"config.model.vit.feature_layer={f} out of range for "
+                         f"num_layers={n} (valid: {-(n + 1)}..{n})")
+    return k - 1
+
+
+class SiglipAttention(nn.Module):
+    cfg: Any
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):                                  # x float[B,N,Dv]
+        v = self.cfg.vit
+        h = v.num_heads
+        if v.hidden_size % h:
+            raise ValueError(f"config.model.vit.hidden_size={v.hidden_size} not divisible by "
+                             f"num_heads={h}")
+        hd = v.hidden_size // h
+
+        def proj(name):
+            return DenseND((h, hd), ("embed", "heads", "kv"), ("heads", "kv"),
+                           dtype=self.dtype, name=name)(x)
+        q, k, vv = proj("q_proj"), proj("k_proj"), proj("v_proj")   # float[B,N,H,hd]
+        q = constrain(q, ("batch", "length", "heads", "kv"))
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * hd ** -0.5
+        p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
+        o = jnp.einsum("bhqk,bkhd->bqhd", p, vv)                       # float[B,N,H,hd]
+        return DenseND((v.hidden_size,), ("heads", "kv", "embed"), ("embed",), in_dims=2,
+                       dtype=self.dtype, name="out_proj")(o)
+
+
+class SiglipMLP(nn.Module):
+    cfg: Any
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        v = self.cfg.vit
+        h = DenseND((v.intermediate_size,), ("embed", "mlp"), ("mlp",), dtype=self.dtype,
+                    name="fc1")(x)
+        h = constrain(jax.nn.gelu(h, approximate=True), ("batch", "length", "mlp"))
+        return DenseND((v.hidden_size,), ("mlp", "embed"), ("embed",), dtype=self.dtype,
+                       name="fc2")(h)
+
+
+class EncoderLayer(nn.Module):
+    """One pre-LN block. Scan-compatible: (carry=(x, feat), layer_idx) -> ((x, feat), None);
+    feat is replaced by this block's output when layer_idx == feature block."""
+    cfg: Any
+    dtype: Any
+    feat_block: int
+
+    @nn.compact
+    def __call__(self, carry, layer_idx):
+        x, feat = carry
+        eps = self.cfg.vit.layer_norm_eps
+        h = SiglipAttention(self.cfg, self.dtype, name="self_attn")(
+            LayerNorm(eps, self.dtype, name="layer_norm1")(x))
+        x = constrain(x + h, ACT)
+        h = SiglipMLP(self.cfg, self.dtype, name="mlp")(
+            LayerNorm(eps, self.dtype, name="layer_norm2")(x))
+        x = constrain(x + h, ACT)
+        if feat is not None:
+            feat = jnp.where(layer_idx == self.feat_block, x, feat)
+        return (x, feat), None
+
+
+class Encoder(nn.Module):
+    cfg: Any
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):                 # x: embeddings float[B,N,Dv] -> (last, features)
+        cfg = self.cfg
+        n, fb = cfg.vit.num_layers, feature_block(cfg)
+        block = maybe_remat(EncoderLayer, cfg.remat, cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = scan_stack(block, n, in_axes=(0,))(cfg, self.dtype, fb, name="layers")
+            (x, feat), _ = stack((x, x), jnp.arange(n))     # feat starts as the embeddings
+            return x, feat
+        feat = x
+        for i in range(n):
+            (x, _), _ = block(cfg, self.dtype, fb, name=f"layers_{i}")((x, None), i)
+            if i == fb:
+                feat = x
+        return x, feat
+
+
+class VisionTransformer(nn.Module):
+    config: Any          # config.model
+
+    @nn.compact
+    def __call__(self, images, deterministic: bool = True):
+        """images float[B,S,S,C] -> (features float[B,N,Dv], pooled float[B,Dv]).
+        `deterministic` is accepted for API symmetry (there is no dropout)."""
+        del deterministic
+        cfg, v = self.config, self.config.vit
+        dtype = compute_dtype(cfg)
+        want = (v.image_size, v.image_size, v.num_channels)
+        if images.ndim != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError(f"VisionTransformer: images shape {images.shape}, expected "
+                             f"[B,{want[0]},{want[1]},{want[2]}] (config.model.vit)")
+        x = _PatchEmbed(cfg, dtype, name="embeddings")(images)        # float[B,N,Dv]
+        x = constrain(x, ACT)
+        last, feats = Encoder(cfg, dtype, name="encoder")(x)
+        post = LayerNorm(v.layer_norm_eps, dtype, name="post_layernorm")(last)
+        pooled = post.astype(jnp.float32).mean(axis=1)
+        return feats, pooled
+
+
+class _PatchEmbed(nn.Module):
+    """SiglipVisionEmbeddings: conv patch_embedding (HWIO, VALID, stride P) + position_embedding."""
+    cfg: Any
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, images):
+        v = self.cfg.vit
+        p, d, n = v.patch_size, v.hidden_size, num_patches(self.cfg)
+        fan_in = p * p * v.num_channels
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            nn.initializers.normal(fan_in ** -0.5), (None, None, "channels", "embed")),
+            (p, p, v.num_channels, d), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(
+            nn.initializers.zeros, ("embed",)), (d,), jnp.float32)
+        pos = self.param("position_embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("patch", "embed")), (n, d), jnp.float32)
+        y = jax.lax.conv_general_dilated(
+            images.astype(self.dtype), kernel.astype(self.dtype), (p, p), "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))                # float[B,S/P,S/P,Dv]
+        y = y + bias.astype(self.dtype)
+        b = y.shape[0]
+        return y.reshape(b, n, d) + pos.astype(self.dtype)[None]
