@@ -1,0 +1,149 @@
+"""grain input pipelines: map -> one-hot area-resized image(s) -> batches.
+
+``image_loader`` reads any random-access source of records ``{'map': uint8[H,W], 'label': int}``:
+a ``WaferDataset`` (wrapped by ``WaferSource``) or a TFDS ArrayRecord data source from
+``builders.data_source(...)``. Sampling: ``grain.python.IndexSampler`` with
+``ShardByJaxProcess`` (each JAX process reads its own 1/P of the records, so ``batch_size`` is
+the per-process batch), a seeded shuffle per epoch, ``num_epochs`` (None = forever). The
+iterator of the returned DataLoader has ``get_state()`` / ``set_state()``: restoring a saved
+state yields exactly the batches that followed it.
+
+Class-balanced sampling (``balanced``): the epoch is a fixed, seeded draw with replacement of N
+record ids with weight 1/n_c (``True`` / ``'full'``) or 1/sqrt(n_c) (``'sqrt'``) per record of
+class c (unlabeled records are left out); the sampler then shuffles that list every epoch.
+"""
+from __future__ import annotations
+
+import grain.python as gp
+import numpy as np
+
+from wamglm_jax.data.dataset import WaferDataset
+from wamglm_jax.data.preprocess import area_resize_onehot, make_views
+
+
+class WaferSource(gp.RandomAccessDataSource):
+    """A WaferDataset as a grain data source of ``{'map', 'label', 'index'}`` records."""
+
+    def __init__(self, ds: WaferDataset):
+        self._maps, self._labels = ds.maps, ds.labels
+
+    def __len__(self):
+        return len(self._maps)
+
+    def __getitem__(self, i):
+        i = int(i)
+        return {"map": self._maps[i], "label": np.int32(self._labels[i]), "index": np.int64(i)}
+
+    def __repr__(self):
+        return f"WaferSource(n={len(self._maps)})"
+
+
+class _Remapped(gp.RandomAccessDataSource):
+    """Source whose record k is ``base[ids[k]]`` (for class-balanced resampling)."""
+
+    def __init__(self, base, ids: np.ndarray):
+        self._base, self._ids = base, np.asarray(ids, np.int64)
+
+    def __len__(self):
+        return len(self._ids)
+
+    def __getitem__(self, k):
+        rec = dict(self._base[int(self._ids[int(k)])])
+        rec.setdefault("index", np.int64(self._ids[int(k)]))
+        return rec
+
+    def __repr__(self):
+        return f"_Remapped(n={len(self._ids)}, base={self._base!r})"
+
+
+def source_labels(source) -> np.ndarray:
+    if isinstance(source, WaferSource):
+        return np.asarray(source._labels)
+    return np.array([int(source[i]["label"]) for i in range(len(source))], np.int64)
+
+
+def balanced_ids(labels: np.ndarray, mode, seed: int, num: int | None = None) -> np.ndarray:
+    """Record ids drawn with replacement, weight 1/n_c (mode True/'full') or 1/sqrt(n_c)
+    ('sqrt') per record of class c, so each present class gets an equal (or sqrt) share."""
+    labels = np.asarray(labels)
+    ok = labels >= 0
+    if not ok.any():
+        raise ValueError("balanced sampling: the dataset has no labelled records")
+    _, inv, counts = np.unique(labels[ok], return_inverse=True, return_counts=True)
+    if mode is True or mode == "full":
+        w = 1.0 / counts[inv]
+    elif mode == "sqrt":
+        w = 1.0 / np.sqrt(counts[inv])
+    else:
+        raise ValueError(f"balanced={mode!r}: expected False, True/'full' or 'sqrt'")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xBA1]))
+    cand = np.flatnonzero(ok)
+    n = len(labels) if num is None else int(num)
+    return cand[rng.choice(len(cand), size=n, replace=True, p=w / w.sum())]
+
+
+class ToImage(gp.MapTransform):
+    """Eval transform: one image, no augmentation."""
+
+    def __init__(self, image_size: int, num_views: int = 1):
+        self.size, self.num_views = int(image_size), int(num_views)
+
+    def map(self, rec):
+        img = area_resize_onehot(np.asarray(rec["map"]), self.size)
+        out = {"label": np.int32(rec["label"]), "index": np.int64(rec.get("index", -1))}
+        if self.num_views == 1:
+            out["image"] = img
+        else:
+            out["views"] = np.repeat(img[None], self.num_views, 0)
+        return out
+
+
+class ToViews(gp.RandomMapTransform):
+    """Train transform: random label-preserving views (rotations / flips)."""
+
+    def __init__(self, image_size: int, num_views: int):
+        self.size, self.num_views = int(image_size), int(num_views)
+
+    def random_map(self, rec, rng: np.random.Generator):
+        img = area_resize_onehot(np.asarray(rec["map"]), self.size)
+        views = make_views(img, self.num_views, rng)
+        out = {"label": np.int32(rec["label"]), "index": np.int64(rec.get("index", -1))}
+        if self.num_views == 1:
+            out["image"] = views[0]
+        else:
+            out["views"] = views
+        return out
+
+
+def image_loader(dataset, *, image_size: int, batch_size: int, num_views: int = 1,
+                 train: bool = False, seed: int = 0, num_epochs: int | None = None,
+                 balanced=False, worker_count: int = 0, shard_options=None,
+                 drop_remainder: bool | None = None) -> gp.DataLoader:
+    """grain DataLoader of batches {'image' float32[B,S,S,3] | 'views' float32[B,V,S,S,3],
+    'label' int32[B], 'index' int64[B]} (index = record id in ``dataset``).
+
+    dataset: WaferDataset or a random-access source of {'map', 'label'} records.
+    train: shuffle every epoch and draw random views; eval keeps the order, no augmentation.
+    num_epochs: None = repeat forever when training, 1 pass when not.
+    shard_options: default ShardByJaxProcess(drop_remainder=train).
+    """
+    if num_views not in (1, 3):
+        raise ValueError(f"num_views={num_views}: expected 1 or 3")
+    if batch_size < 1 or image_size < 1:
+        raise ValueError(f"batch_size={batch_size}, image_size={image_size}: expected >= 1")
+    source = WaferSource(dataset) if isinstance(dataset, WaferDataset) else dataset
+    if len(source) == 0:
+        raise ValueError("image_loader: the dataset is empty")
+    if balanced:
+        source = _Remapped(source, balanced_ids(source_labels(source), balanced, seed))
+    if num_epochs is None and not train:
+        num_epochs = 1
+    if drop_remainder is None:
+        drop_remainder = train
+    shard = shard_options or gp.ShardByJaxProcess(drop_remainder=train)
+    sampler = gp.IndexSampler(num_records=len(source), shard_options=shard, shuffle=train,
+                              num_epochs=num_epochs, seed=int(seed))
+    op = ToViews(image_size, num_views) if train else ToImage(image_size, num_views)
+    return gp.DataLoader(data_source=source, sampler=sampler,
+                         operations=[op, gp.Batch(batch_size, drop_remainder=drop_remainder)],
+                         worker_count=worker_count)

@@ -1,0 +1,60 @@
+"""Train / val / test datasets from ``config.data`` (``default_data_config()`` lists the fields).
+
+source='synthetic': three generator runs with distinct seeds derived from ``seed`` (so the
+splits share no lot and are deterministic). Any other source is a path that ``load_dataset``
+reads; ``train_split`` / ``eval_split`` name its splits (a real file has train/val only; a
+missing test split is returned as None, a missing train/eval split is an error).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from wamglm_jax.data.dataset import WaferDataset, load_dataset
+from wamglm_jax.data.generator import generate
+
+# Seeds of the three synthetic splits are SeedSequence-like offsets of the base seed.
+_SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "test": 2_000_006}
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.source = "synthetic"        # 'synthetic' or a path load_dataset reads
+    c.label_space = "wm811k"      # 'wm811k' | 'mixedwm38'
+    c.num_train = 20_000          # synthetic only
+    c.num_val = 2_000
+    c.num_test = 2_000
+    c.seed = 0
+    c.balance = "balanced"        # synthetic class frequencies: 'balanced' | 'wm811k'
+    c.balanced_sampling = False   # pipeline: False | True/'full' | 'sqrt'
+    c.train_split = "train"       # split names in a real file
+    c.eval_split = "val"
+    c.test_split = "test"
+    c.path = ""                   # optional; used when source is 'file'
+    return c
+
+
+def synthetic_split(data_cfg, name: str, num: int) -> WaferDataset:
+    seed = int(data_cfg.seed) + _SPLIT_OFFSET[name]
+    ds = generate(int(num), seed=seed, label_space=data_cfg.label_space,
+                  balance=data_cfg.balance, lot_prefix=f"syn-{name}{int(data_cfg.seed)}-lot")
+    ds.source = f"synthetic:{name}(seed={seed})"
+    return ds
+
+
+def load_splits(data_cfg) -> dict[str, WaferDataset | None]:
+    """{'train': WaferDataset, 'val': WaferDataset, 'test': WaferDataset or None}."""
+    cfg = default_data_config()
+    cfg.update(dict(data_cfg) if not isinstance(data_cfg, ml_collections.ConfigDict)
+               else data_cfg.to_dict())
+    if cfg.source == "synthetic":
+        return {"train": synthetic_split(cfg, "train", cfg.num_train),
+                "val": synthetic_split(cfg, "val", cfg.num_val),
+                "test": synthetic_split(cfg, "test", cfg.num_test)}
+    path = cfg.path if cfg.source == "file" else cfg.source
+    full = load_dataset(path)
+    if full.label_space != cfg.label_space:
+        raise ValueError(f"{path}: holds label space {full.label_space!r} but "
+                         f"config.data.label_space is {cfg.label_space!r}")
+    out = {"train": full.select(cfg.train_split), "val": full.select(cfg.eval_split)}
+    out["test"] = full.select(cfg.test_split) if cfg.test_split in full.splits() else None
+    return out
