@@ -76,8 +76,8 @@ def _labels_1d(lab, n, path, field="labels", label_space="wm811k") -> np.ndarray
     if lab.dtype.kind in "US":
         if label_space == "mixedwm38":
             return np.array([mixed_id_from_name(x, f"{path}:{field}[{i}]")
-                             for i, x in enumerate(lab.astype(str))], np.int32)
-        return L.to_ids(lab.astype(str), f"{path}:{field}")
+                             for i, x in enumerate(lab.astype(str).tolist())], np.int32)
+        return L.to_ids(lab.astype(str).tolist(), f"{path}:{field}")
     if lab.dtype.kind in "iu":
         return lab.astype(np.int32)
     raise DatasetFormatError(f"{path}: field {field!r} has dtype {lab.dtype}; expected class "
