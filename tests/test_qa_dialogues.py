@@ -41,7 +41,9 @@ def loops_facts(m):
         if top < 1.3 * failing / total:
             zones = ["spread"]
         else:
-            zones = [z for z in ("center", "middle", "edge") if z in dens and dens[z] >= 0.6 * top]
+            zones = [z for z in ("center", "middle", "edge") if z in dens
+                     and dens[z] >= 0.6 * top and dens[z] >= 1.3 * failing / total
+                     and zone_fail[z] >= 3] or ["spread"]
         q = {"upper-left": 0, "upper-right": 0, "lower-left": 0, "lower-right": 0}
         for r, c in fails:
             q[("upper" if r < cy else "lower") + "-" + ("left" if c < cx else "right")] += 1

@@ -12,9 +12,10 @@ or a person can recompute them by hand):
   over all dies (1 if that is 0); rho = d / R in [0, 1].
 * Radial zones: `center` rho < 0.3, `middle` 0.3 <= rho < 0.8, `edge` rho >= 0.8.
 * Concentration zones: density_z = failing_z / dies_z per zone (zones without dies skipped);
-  p = failing / total. If max density >= 1.3 p, the concentration zones are every zone with
-  density >= 0.6 * max density (in center, middle, edge order); otherwise ["spread"]. No
-  failing die at all -> [].
+  p = failing / total. If max density >= 1.3 p, the concentration zones are the zones (in
+  center, middle, edge order) with density >= 0.6 * max density AND density >= 1.3 p AND at
+  least 3 failing dies; if that leaves none, or max density < 1.3 p: ["spread"]. No failing
+  die at all -> [].
 * Side (where the failing dies lie as the map is displayed: row 0 at the top, column 0 on the
   left): a failing die is `upper` if row < cy else `lower`, `left` if col < cx else `right`.
   If one quadrant holds >= 50 % of the failing dies the side is that quadrant
@@ -37,6 +38,7 @@ ZONES = ("center", "middle", "edge")
 ZONE_EDGES = (0.3, 0.8)          # rho thresholds between center|middle and middle|edge
 CONCENTRATION_RATIO = 1.3         # max zone density must exceed overall density by this
 ZONE_KEEP_RATIO = 0.6             # zones within this fraction of the max density are named
+MIN_ZONE_FAILS = 3                # ... if they also hold at least this many failing dies
 QUADRANT_SHARE = 0.5
 HALF_SHARE = 0.7
 QUADRANTS = ("upper-left", "upper-right", "lower-left", "lower-right")
@@ -84,7 +86,10 @@ def _concentration(zones: dict, failing: int, total: int) -> list[str]:
     top = max(dens.values())
     if top < CONCENTRATION_RATIO * failing / total:
         return ["spread"]
-    return [z for z in ZONES if z in dens and dens[z] >= ZONE_KEEP_RATIO * top]
+    floor = CONCENTRATION_RATIO * failing / total
+    named = [z for z in ZONES if z in dens and dens[z] >= ZONE_KEEP_RATIO * top
+             and dens[z] >= floor and zones[z]["failing"] >= MIN_ZONE_FAILS]
+    return named or ["spread"]
 
 
 def _side(frows: np.ndarray, fcols: np.ndarray, cy: float, cx: float) -> str | None:
