@@ -1,0 +1,165 @@
+"""Parity with Hugging Face PyTorch models (the serving format): SigLIP vision, Llama, Llava.
+
+Random torch models (every weight randomised, so biases and norm weights are exercised) are
+mapped into JAX params with wamglm_jax/export/hf_weights.py; outputs must agree in fp32.
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from configs import presets  # noqa: E402
+from wamglm_jax.export import hf_weights  # noqa: E402
+from wamglm_jax.models import Decoder, VisionTransformer, WamGLM, num_image_tokens  # noqa: E402
+
+TOL = 1e-4
+
+
+def cfg_for_parity(**kw):
+    cfg = presets.model_config("tiny")
+    cfg.vit.update(dict(image_size=16, patch_size=4, hidden_size=32, intermediate_size=48,
+                        num_layers=3, num_heads=4, layer_norm_eps=1e-6, feature_layer=-2))
+    cfg.lm.update(dict(vocab_size=61, hidden_size=32, intermediate_size=40, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=500000.0,
+                       rms_norm_eps=1e-5, tie_embeddings=False, max_seq_len=64))
+    cfg.image_token_id = 5
+    for k, v in kw.items():
+        setattr(cfg, k, v) if "." not in k else cfg[k.split(".")[0]].__setattr__(
+            k.split(".")[1], v)
+    return cfg
+
+
+def randomise(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.1
+            p.copy_(1.0 + noise if "norm" in name and name.endswith("weight") else noise * 2)
+    return model.eval()
+
+
+def hf_models(cfg):
+    kw = hf_weights.hf_config_kwargs(cfg)
+    vc = transformers.SiglipVisionConfig(**kw["vision"])
+    tc = transformers.LlamaConfig(**kw["text"])
+    return vc, tc, kw
+
+
+def test_siglip_vision_parity():
+    cfg = cfg_for_parity()
+    vc, _, _ = hf_models(cfg)
+    vc._attn_implementation = "eager"
+    hf = randomise(transformers.SiglipVisionModel(vc))
+    sd = {k.removeprefix("vision_model."): v for k, v in hf.state_dict().items()}
+    images = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        out = hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
+                 output_hidden_states=True)
+    hs = [h.numpy() for h in out.hidden_states]
+    pooled_ref = out.last_hidden_state.numpy().mean(1)
+    for scan in (False, True):
+        for fl in (-2, -1, 0):
+            c = cfg_for_parity(**{"vit.feature_layer": fl, "scan_layers": scan})
+            p = hf_weights.tower_from_hf(sd, "vision", c)
+            feats, pooled = VisionTransformer(c).apply({"params": p}, images)
+            assert np.abs(np.asarray(feats) - hs[fl]).max() < TOL, (scan, fl)
+            assert np.abs(np.asarray(pooled) - pooled_ref).max() < TOL
+    # Round trip back to HF names and layouts is exact.
+    back = hf_weights.tower_to_hf(hf_weights.tower_from_hf(sd, "vision", cfg), "vision")
+    assert set(back) == set(sd)
+    for k in sd:
+        np.testing.assert_array_equal(back[k], sd[k].numpy())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_parity(tie):
+    cfg = cfg_for_parity(**{"lm.tie_embeddings": tie})
+    _, tc, _ = hf_models(cfg)
+    tc._attn_implementation = "eager"
+    hf = randomise(transformers.LlamaForCausalLM(tc), seed=1)
+    if tie:
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    sd = hf.state_dict()
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, cfg.lm.vocab_size, (2, 11)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    mask[1, -3:] = 0                                   # right padding
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(tokens).long(),
+                 attention_mask=torch.from_numpy(mask).long()).logits.numpy()
+    p = hf_weights.tower_from_hf(sd, "lm", cfg)
+    assert ("lm_head" in p) == (not tie)
+    got = np.asarray(Decoder(cfg).apply({"params": p}, tokens, attention_mask=mask))
+    real = mask == 1
+    assert np.abs(got[real] - ref[real]).max() < TOL
+    assert (got[real].argmax(-1) == ref[real].argmax(-1)).all()
+    back = hf_weights.tower_to_hf(p, "lm")
+    assert set(back) == {k for k in sd if not (tie and k == "lm_head.weight")}
+
+
+def test_llava_parity_and_layouts():
+    cfg = cfg_for_parity()
+    vc, tc, kw = hf_models(cfg)
+    lc = transformers.LlavaConfig(vision_config=vc, text_config=tc, **kw["llava"])
+    lc._attn_implementation = "eager"
+    lc.vision_config._attn_implementation = "eager"
+    lc.text_config._attn_implementation = "eager"
+    hf = randomise(transformers.LlavaForConditionalGeneration(lc), seed=2)
+    n = num_image_tokens(cfg)
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(6, cfg.lm.vocab_size, (2, n + 9)).astype(np.int32)
+    tokens[0, 1:1 + n] = cfg.image_token_id
+    tokens[1, 4:4 + n] = cfg.image_token_id
+    mask = np.ones_like(tokens)
+    images = rng.random((2, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(tokens).long(),
+                 pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
+                 attention_mask=torch.from_numpy(mask).long()).logits.numpy()
+    sd = hf.state_dict()
+    params = hf_weights.from_hf(sd, cfg)
+    got = np.asarray(WamGLM(cfg).apply({"params": params}, images, tokens, mask))
+    assert np.abs(got - ref).max() < TOL
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+    # v5 layout == the torch model's own state dict names; loads strictly.
+    v5 = hf_weights.to_hf(params, cfg, layout="v5")
+    assert set(v5) == set(sd)
+    hf.load_state_dict({k: torch.from_numpy(v) for k, v in v5.items()}, strict=True)
+    # classic layout: the names that transformers 4.5x/5.x and vLLM load; round trip exact.
+    classic = hf_weights.to_hf(params, cfg, layout="classic")
+    assert "vision_tower.vision_model.embeddings.patch_embedding.weight" in classic
+    assert "language_model.model.layers.1.mlp.gate_proj.weight" in classic
+    assert "language_model.lm_head.weight" in classic
+    assert "multi_modal_projector.linear_2.bias" in classic
+    again = hf_weights.from_hf(classic, cfg)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 again, params)
+    # A scanned model imports the same weights and gives the same logits.
+    scfg = cfg_for_parity(scan_layers=True)
+    sparams = hf_weights.from_hf(classic, scfg)
+    sgot = np.asarray(WamGLM(scfg).apply({"params": sparams}, images, tokens, mask))
+    assert np.abs(sgot - ref).max() < TOL
+
+
+def test_missing_or_misshapen_weight_is_named():
+    cfg = cfg_for_parity()
+    n = num_image_tokens(cfg)
+    params = WamGLM(cfg).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
+                              jnp.full((1, n), cfg.image_token_id), jnp.ones((1, n)))["params"]
+    sd = hf_weights.tower_to_hf(jax.tree.map(np.asarray, flax_unbox(params["vision"])), "vision")
+    del sd["post_layernorm.weight"]
+    with pytest.raises(KeyError, match=r"missing: \['post_layernorm.weight'\]"):
+        hf_weights.tower_from_hf(sd, "vision", cfg)
+    sd["post_layernorm.weight"] = np.ones(7, np.float32)
+    with pytest.raises(ValueError, match="does not fit JAX shape"):
+        hf_weights.tower_from_hf(sd, "vision", cfg)
+
+
+def flax_unbox(tree):
+    import flax.linen as nn
+    return nn.unbox(tree)
