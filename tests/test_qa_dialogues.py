@@ -44,28 +44,50 @@ def loops_facts(m):
             zones = [z for z in ("center", "middle", "edge") if z in dens
                      and dens[z] >= 0.6 * top and dens[z] >= 1.3 * failing / total
                      and zone_fail[z] >= 3] or ["spread"]
-        q = {"upper-left": 0, "upper-right": 0, "lower-left": 0, "lower-right": 0}
-        for r, c in fails:
-            q[("upper" if r < cy else "lower") + "-" + ("left" if c < cx else "right")] += 1
-        side = None
-        for name in ("upper-left", "upper-right", "lower-left", "lower-right"):
-            if q[name] >= 0.5 * failing:
-                side = name
-                break
-        if side is None:
-            halves = {"upper": q["upper-left"] + q["upper-right"],
-                      "lower": q["lower-left"] + q["lower-right"],
-                      "left": q["upper-left"] + q["lower-left"],
-                      "right": q["upper-right"] + q["lower-right"]}
-            for name in ("upper", "lower", "left", "right"):
-                if halves[name] >= 0.7 * failing:
-                    side = name
-                    break
-        side = side or "none"
+        side = loops_side(fails, cy, cx)
+    edge_fails = [d for d in fails if dist[d] / rmax >= 0.8]
     return dict(total=total, failing=failing,
                 yield_pct=round(100 * (total - failing) / total, 1),
                 area_pct=round(100 * failing / total, 1), zone_dies=zone_dies,
-                zone_fail=zone_fail, zones=zones, side=side)
+                zone_fail=zone_fail, zones=zones, side=side,
+                edge_side=loops_side(edge_fails, cy, cx) if edge_fails else None)
+
+
+def loops_side(fails, cy, cx):
+    q = {"upper-left": 0, "upper-right": 0, "lower-left": 0, "lower-right": 0}
+    for r, c in fails:
+        q[("upper" if r < cy else "lower") + "-" + ("left" if c < cx else "right")] += 1
+    for name in ("upper-left", "upper-right", "lower-left", "lower-right"):
+        if q[name] >= 0.5 * len(fails):
+            return name
+    halves = {"upper": q["upper-left"] + q["upper-right"],
+              "lower": q["lower-left"] + q["lower-right"],
+              "left": q["upper-left"] + q["lower-left"],
+              "right": q["upper-right"] + q["lower-right"]}
+    for name in ("upper", "lower", "left", "right"):
+        if halves[name] >= 0.7 * len(fails):
+            return name
+    return "none"
+
+
+def loops_type_location(f, pattern, types):
+    if pattern not in types:
+        return {"pattern": pattern, "present": False, "zones": None, "side": None}
+    if pattern == "Center":
+        zones, side = ["center"], None
+    elif pattern == "Donut":
+        zones, side = ["middle"], None
+    elif pattern == "Edge-Ring":
+        zones, side = ["edge"], "all around"
+    elif pattern in ("Near-full", "Random"):
+        zones, side = ["spread"], None
+    elif pattern == "Edge-Loc":
+        zones, side = ["edge"], f["edge_side"]
+    elif len(types) == 1:
+        zones, side = f["zones"], f["side"]
+    else:
+        zones, side = None, None
+    return {"pattern": pattern, "present": True, "zones": zones, "side": side}
 
 
 def expected_value(kind, step, m, label_space, label, lot_info):
@@ -80,6 +102,7 @@ def expected_value(kind, step, m, label_space, label, lot_info):
         "cause": lambda: {"kb_keys": keys},
         "adjustment": lambda: {"kb_keys": keys},
         "location": lambda: {"zones": f["zones"], "side": f["side"]},
+        "type_location": lambda: loops_type_location(f, step["pattern"], types),
         "zone_extent": lambda: {"zone": step["zone"], "failing": f["zone_fail"][step["zone"]],
                                 "total": f["zone_dies"][step["zone"]]},
         "count": lambda: {"failing": f["failing"], "total": f["total"]},
@@ -192,8 +215,11 @@ def test_heldout_phrasings_and_orders_never_in_training():
     train = build_dialogues(ds, seed=0, per_map=10, heldout=False)
     held = build_dialogues(ds, seed=1, per_map=3, heldout=True)
     zones = phrasings.ZONE_WORDS.values()
-    held_q = {q.format(zone=z) for v in phrasings.HELDOUT.values() for q in v for z in zones}
-    train_q = {q.format(zone=z) for v in phrasings.TRAIN.values() for q in v for z in zones}
+    pats = [p for p in WM811K_CLASSES if p != "none"]
+    held_q = {q.format(zone=z, pattern=p) for v in phrasings.HELDOUT.values() for q in v
+              for z in zones for p in pats}
+    train_q = {q.format(zone=z, pattern=p) for v in phrasings.TRAIN.values() for q in v
+               for z in zones for p in pats}
     assert not held_q & train_q
     for it in train:
         assert not it["heldout"] and not order_is_heldout([s["kind"] for s in it["plan"]])
@@ -210,7 +236,8 @@ def test_heldout_phrasings_and_orders_never_in_training():
                 used.add(q)
     assert len(used) > 10
     kinds = {k["kind"] for it in train for k in it["answer_key"]}
-    assert kinds == {"defect_type", "why_type", "location", "zone_extent", "count", "yield",
+    assert kinds == {"defect_type", "why_type", "location", "type_location", "zone_extent",
+                     "count", "yield",
                      "area", "cause", "adjustment", "severity", "why_severity", "batch"}
 
 
@@ -234,3 +261,19 @@ def test_unlabeled_maps_skipped():
     ds.labels = np.array([0, -1, 8, -1], np.int32)
     items = build_dialogues(ds, seed=0)
     assert sorted(it["image_index"] for it in items) == [0, 2]
+
+
+def test_type_location_cases():
+    ds = generate(40, seed=9, label_space="mixedwm38")
+    items = build_dialogues(ds, seed=4, per_map=4)
+    vals = [k["value"] for it in items for k in it["answer_key"] if k["kind"] == "type_location"]
+    assert any(not v["present"] for v in vals)                        # absent pattern asked
+    assert any(v["present"] and v["zones"] is None for v in vals)     # cannot tell (overlap)
+    assert any(v["pattern"] == "Edge-Loc" and v["present"] and v["side"] for v in vals)
+    hd = hand_dataset()
+    it = dict(build_dialogues(hd, seed=0, indices=[1])[0],
+              plan=[{"kind": "type_location", "q": 0, "zone": None, "pattern": "Edge-Loc"}])
+    new, _ = transform_item(it, hd.maps[1], 0, False)
+    assert new["answer_key"][0]["value"] == {"pattern": "Edge-Loc", "present": True,
+                                             "zones": ["edge"], "side": "upper-right"}
+    assert new["messages"][0]["content"] == "<image>\nWhere is the Edge-Loc pattern?"

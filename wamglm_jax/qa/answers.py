@@ -7,6 +7,8 @@ Kinds and their values (the `value` of an answer_key entry):
   why_type      {"kb_keys": list[str]}   entries whose `description` is given ([\"none\"] if none)
   location      {"zones": list[str] (center/middle/edge, or ["spread"], [] = no failing die),
                  "side": "upper-left"|...|"upper"|"lower"|"left"|"right"|"none"|None}
+  type_location {"pattern": str, "present": bool, "zones": list[str] | None (None = cannot
+                 tell), "side": str | None ("all around" for Edge-Ring)}  (facts.type_location)
   zone_extent   {"zone": str, "failing": int, "total": int}
   count         {"failing": int, "total": int}
   yield         {"yield_pct": float}
@@ -27,7 +29,7 @@ from typing import Any
 from wamglm_jax.data.labels import WM811K_CLASSES
 from wamglm_jax.qa.knowledge_base import KnowledgeBase, load_knowledge_base
 
-KINDS = ("defect_type", "why_type", "location", "zone_extent", "count", "yield", "area", "cause",
+KINDS = ("defect_type", "why_type", "location", "type_location", "zone_extent", "count", "yield", "area", "cause",
          "adjustment", "severity", "why_severity", "batch")
 PATTERNS = tuple(p for p in WM811K_CLASSES if p != "none")
 ZONE_TEXT = {"center": "the center", "middle": "the middle ring", "edge": "the edge"}
@@ -53,6 +55,20 @@ def _types_or_none(types: list[str]) -> list[str]:
 
 def _pname(p: str) -> str:
     return "a map without a pattern" if p == "none" else p
+
+
+def _zone_phrase(zones: list[str]) -> str:
+    if zones == ["spread"]:
+        return "spread over all radial zones"
+    return "concentrated at " + _join([ZONE_TEXT[z] for z in zones])
+
+
+def _side_phrase(side: str | None) -> str:
+    if side in (None, "none"):
+        return "with no preferred side"
+    if "-" in side:
+        return f"mostly in the {side} quadrant"
+    return f"mostly in the {side} half"
 
 
 def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None) -> str:
@@ -81,15 +97,21 @@ def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None) -> str
         zones, side = value["zones"], value["side"]
         if not zones:
             return "There are no failing dies on this wafer."
-        zp = ("spread over all radial zones" if zones == ["spread"]
-              else "concentrated at " + _join([ZONE_TEXT[z] for z in zones]))
-        if side in (None, "none"):
-            sp = "with no preferred side"
-        elif "-" in side:
-            sp = f"mostly in the {side} quadrant"
-        else:
-            sp = f"mostly in the {side} half"
-        return f"The failing dies are {zp}, {sp}."
+        return f"The failing dies are {_zone_phrase(zones)}, {_side_phrase(side)}."
+    if kind == "type_location":
+        p = value["pattern"]
+        if not value["present"]:
+            return f"This wafer shows no {p} pattern."
+        if value["zones"] is None:
+            return (f"{CANNOT_TELL} exactly where the {p} pattern is, because it overlaps the "
+                    "other patterns.")
+        if value["side"] == "all around":
+            return f"The {p} pattern runs all around the edge."
+        if value["zones"] == ["spread"] and value["side"] is None:
+            return f"The {p} pattern covers the whole wafer."
+        if value["side"] is None:
+            return f"The {p} pattern is {_zone_phrase(value['zones'])}."
+        return f"The {p} pattern is {_zone_phrase(value['zones'])}, {_side_phrase(value['side'])}."
     if kind == "zone_extent":
         z = value["zone"]
         if value["total"] == 0:
@@ -136,6 +158,18 @@ def _kb_keys(text: str, kb: KnowledgeBase, field: str) -> list[str]:
                       getattr(e, field), str) else getattr(e, field))))
 
 
+def _parse_zones(t: str) -> list[str]:
+    if "spread" in t:
+        return ["spread"]
+    return [z for z in ("center", "middle", "edge") if re.search(rf"\b{z}", t)]
+
+
+def _parse_side(t: str) -> str | None:
+    q = re.search(r"\b(upper|lower)[- ](left|right)\b", t)
+    h = re.search(r"\b(upper|lower|left|right) half\b", t)
+    return f"{q.group(1)}-{q.group(2)}" if q else h.group(1) if h else None
+
+
 def parse_answer(kind: str, text: str, kb: KnowledgeBase | None = None) -> Any:
     """Extracts the value of a `kind` answer from free text (see the module docstring)."""
     kb = _kb(kb)
@@ -150,15 +184,23 @@ def parse_answer(kind: str, text: str, kb: KnowledgeBase | None = None) -> Any:
         t = text.lower()
         if "no failing" in t:
             return {"zones": [], "side": None}
-        if "spread" in t:
-            zones = ["spread"]
-        else:
-            zones = [z for z in ("center", "middle", "edge") if re.search(rf"\b{z}", t)]
-        q = re.search(r"\b(upper|lower)[- ](left|right)\b", t)
-        h = re.search(r"\b(upper|lower|left|right) half\b", t)
-        side = (f"{q.group(1)}-{q.group(2)}" if q else h.group(1) if h else
-                "none" if "no preferred side" in t else None)
-        return {"zones": zones, "side": side}
+        return {"zones": _parse_zones(t), "side": _parse_side(t) or
+                ("none" if "no preferred side" in t else None)}
+    if kind == "type_location":
+        t = text.lower()
+        m = re.search(r"\b([\w-]+) pattern", text)
+        pats = parse_answer("defect_type", m.group(1) if m else "", kb)
+        p = pats[0] if pats else None
+        if re.search(r"\bno\b.*\bpattern\b", t) and "preferred" not in t:
+            return {"pattern": p, "present": False, "zones": None, "side": None}
+        if "cannot tell" in t:
+            return {"pattern": p, "present": True, "zones": None, "side": None}
+        if "all around" in t:
+            return {"pattern": p, "present": True, "zones": ["edge"], "side": "all around"}
+        if "whole wafer" in t:
+            return {"pattern": p, "present": True, "zones": ["spread"], "side": None}
+        side = _parse_side(t) or ("none" if "no preferred side" in t else None)
+        return {"pattern": p, "present": True, "zones": _parse_zones(t), "side": side}
     if kind == "zone_extent":
         t = text.lower()
         z = next((z for z in ("center", "middle", "edge") if z in t), None)

@@ -10,7 +10,8 @@ Item format (one dict per dialogue, JSON-serialisable):
   heldout       bool   True: held-out phrasings and a held-out question order
   answer_key    [{"turn": i (index into messages of the assistant turn), "kind": str,
                   "value": ...}] one per assistant turn (kinds/values: see qa/answers.py)
-  plan          [{"kind": str, "q": int, "zone": str|None}] the question plan, so the same
+  plan          [{"kind": str, "q": int, "zone": str|None, "pattern": str|None}] the question
+                plan (zone: of zone_extent, pattern: of type_location), so the same
                 dialogue can be re-rendered on a transformed map (transform_item)
 
 Augmentation choice: maps rotated/flipped for stage 2 must use `transform_item`, which rebuilds
@@ -25,15 +26,16 @@ import numpy as np
 
 from wamglm_jax.data.labels import WM811K_CLASSES, class_names, defect_set
 from wamglm_jax.qa import facts as F
-from wamglm_jax.qa.answers import render_answer
+from wamglm_jax.qa.answers import PATTERNS, render_answer
 from wamglm_jax.qa.knowledge_base import KnowledgeBase, load_knowledge_base
 from wamglm_jax.qa.phrasings import HELDOUT, TRAIN, ZONE_WORDS
 
 IMAGE_TOKEN = "<image>"
 FIRST_KINDS = (("defect_type", 0.5), ("location", 0.1), ("count", 0.08), ("yield", 0.08),
                ("severity", 0.08), ("cause", 0.08), ("area", 0.08))
-MAIN_KINDS = ("defect_type", "location", "count", "yield", "area", "cause", "adjustment",
-              "severity", "batch")
+MAIN_KINDS = ("defect_type", "location", "type_location", "count", "yield", "area", "cause",
+              "adjustment", "severity", "batch")
+PRESENT_PATTERN_PROB = 0.7   # type_location asks about a pattern of the map this often
 FOLLOWUPS = {"defect_type": "why_type", "severity": "why_severity", "location": "zone_extent",
              "count": "zone_extent"}
 FOLLOWUP_PROB = 0.4
@@ -62,8 +64,10 @@ def _sample_kinds(rng: np.random.Generator) -> list[str]:
     return kinds
 
 
-def sample_plan(rng: np.random.Generator, heldout: bool) -> list[dict]:
-    """A question plan whose order is held out iff `heldout` (rejection sampling)."""
+def sample_plan(rng: np.random.Generator, heldout: bool, types: Sequence[str] = ()
+                ) -> list[dict]:
+    """A question plan whose order is held out iff `heldout` (rejection sampling); `types`:
+    the map's patterns (type_location asks about one of them, or sometimes an absent one)."""
     while True:
         kinds = _sample_kinds(rng)
         if order_is_heldout(kinds) == heldout:
@@ -72,20 +76,29 @@ def sample_plan(rng: np.random.Generator, heldout: bool) -> list[dict]:
     plan = []
     for k in kinds:
         zone = str(rng.choice(list(ZONE_WORDS))) if k == "zone_extent" else None
-        plan.append({"kind": k, "q": int(rng.integers(len(bank[k]))), "zone": zone})
+        pattern = None
+        if k == "type_location":
+            pool = (list(types) if types and rng.random() < PRESENT_PATTERN_PROB
+                    else [p for p in PATTERNS if p not in types])
+            pattern = str(rng.choice(pool))
+        plan.append({"kind": k, "q": int(rng.integers(len(bank[k]))), "zone": zone,
+                     "pattern": pattern})
     return plan
 
 
-def answer_value(kind: str, zone: str | None, types: list[str], facts: dict, batch: dict,
-                 kb: KnowledgeBase) -> Any:
+def answer_value(kind: str, step: dict, m: np.ndarray, types: list[str], facts: dict,
+                 batch: dict, kb: KnowledgeBase) -> Any:
     """The expected value of a `kind` answer (the answer_key value)."""
     keys = types or ["none"]
+    zone, pattern = step.get("zone"), step.get("pattern")
     if kind == "defect_type":
         return list(types)
     if kind in ("why_type", "cause", "adjustment"):
         return {"kb_keys": keys}
     if kind == "location":
         return dict(facts["location"])
+    if kind == "type_location":
+        return F.type_location(m, pattern, types, facts)
     if kind == "zone_extent":
         return {"zone": zone, "failing": facts["zones"][zone]["failing"],
                 "total": facts["zones"][zone]["dies"]}
@@ -114,11 +127,11 @@ def render_dialogue(m: np.ndarray, label_space: str, label: int, batch: dict, pl
     messages, key = [], []
     for t, step in enumerate(plan):
         q = bank[step["kind"]][step["q"]]
-        if step["zone"]:
-            q = q.format(zone=ZONE_WORDS[step["zone"]])
+        if step.get("zone") or step.get("pattern"):
+            q = q.format(zone=ZONE_WORDS.get(step.get("zone"), ""), pattern=step.get("pattern"))
         if t == 0:
             q = f"{IMAGE_TOKEN}\n{q}"
-        value = answer_value(step["kind"], step["zone"], types, facts, batch, kb)
+        value = answer_value(step["kind"], step, m, types, facts, batch, kb)
         messages.append({"role": "user", "content": q})
         messages.append({"role": "assistant", "content": render_answer(step["kind"], value, kb)})
         key.append({"turn": len(messages) - 1, "kind": step["kind"], "value": value})
@@ -146,7 +159,7 @@ def build_dialogues(dataset, *, seed: int = 0, per_map: int = 1,
         batch = F.batch_facts(i, dataset.labels, dataset.label_space, meta, lots)
         for k in range(per_map):
             ho = bool(heldout) if isinstance(heldout, bool) else bool(rng.random() < heldout)
-            plan = sample_plan(rng, ho)
+            plan = sample_plan(rng, ho, sorted(defect_set(dataset.label_space, label)))
             messages, key = render_dialogue(dataset.maps[i], dataset.label_space, label, batch,
                                             plan, ho, kb)
             items.append({"id": f"{id_prefix}{i}-{k}", "images": [f"{maps_name}#{i}"],

@@ -109,6 +109,36 @@ def _side(frows: np.ndarray, fcols: np.ndarray, cy: float, cx: float) -> str | N
     return "none"
 
 
+def type_location(m: np.ndarray, pattern: str, types: Sequence[str], facts: dict | None = None
+                  ) -> dict[str, Any]:
+    """Where one pattern of the map lies (see TYPE_LOCATION rules below). Value:
+    {pattern, present: bool, zones: list[str] | None (None = cannot tell), side: str | None}.
+
+    Rules: absent pattern -> present False. By the pattern's definition: Center -> [center],
+    Donut -> [middle], Edge-Ring -> [edge] with side "all around", Near-full and Random ->
+    [spread]. Computed from the map: Edge-Loc -> [edge] with the side of the failing dies in the
+    edge zone; Loc and Scratch -> the map's own location when it is the map's only pattern,
+    otherwise None (they overlap the other patterns, so their position cannot be told apart).
+    """
+    if pattern not in types:
+        return {"pattern": pattern, "present": False, "zones": None, "side": None}
+    fixed = {"Center": (["center"], None), "Donut": (["middle"], None),
+             "Edge-Ring": (["edge"], "all around"), "Near-full": (["spread"], None),
+             "Random": (["spread"], None)}
+    if pattern in fixed:
+        zones, side = fixed[pattern]
+    elif pattern == "Edge-Loc":
+        rows, cols, cy, cx, zone = _geometry(np.asarray(m))
+        sel = (np.asarray(m)[rows, cols] == 2) & (zone == 2)
+        zones, side = ["edge"], _side(rows[sel], cols[sel], cy, cx)
+    elif len(types) == 1:
+        loc = (facts or compute_facts(m))["location"]
+        zones, side = list(loc["zones"]), loc["side"]
+    else:
+        zones, side = None, None
+    return {"pattern": pattern, "present": True, "zones": zones, "side": side}
+
+
 def lot_index(meta: Sequence[dict] | None) -> dict[str, list[int]]:
     """lot id -> indices of the wafers with that lot (wafers without a lot are left out)."""
     out: dict[str, list[int]] = {}

@@ -1,6 +1,6 @@
 """Question phrasings per kind: TRAIN ones are used for training dialogues, HELDOUT ones only
 for held-out dialogues (generalisation to unseen wording). `{zone}` is filled with the zone
-asked about in zone_extent follow-ups."""
+asked about in zone_extent follow-ups, `{pattern}` with the pattern of type_location questions."""
 
 TRAIN = {
     "defect_type": [
@@ -26,6 +26,14 @@ TRAIN = {
         "Describe the location of the failing dies.",
         "Where do the bad dies sit on the wafer?",
         "Locate the defect on this wafer.",
+    ],
+    "type_location": [
+        "Where is the {pattern} pattern?",
+        "Where does the {pattern} appear on this wafer?",
+        "Locate the {pattern} pattern.",
+        "Which part of the wafer has the {pattern}?",
+        "Is there a {pattern} pattern, and where?",
+        "Where exactly is the {pattern}?",
     ],
     "zone_extent": [
         "And what about the {zone}?",
@@ -109,6 +117,8 @@ HELDOUT = {
     "location": ["Which area of the wafer holds the fails?",
                  "Point out where the defects cluster.",
                  "Whereabouts are the bad dies?"],
+    "type_location": ["Whereabouts is the {pattern} signature?",
+                      "Show me where the {pattern} sits."],
     "zone_extent": ["Now look at the {zone}.", "Any fails near the {zone}?"],
     "count": ["What's the fail count?", "Tally the bad dies for me.",
               "How many dies were rejected?"],
