@@ -213,3 +213,21 @@ def test_pscl_weight_zero_is_plain_cross_entropy():
     with pytest.raises(ValueError, match="pscl.py.*outputs_v2"):
         stage1_loss(v1, None, None, labels, pscl_weight=0.35)
     assert math.isfinite(float(loss))
+
+
+def test_sharded_batch_matches_single_device():
+    """Data-parallel: the contrast set spans the whole global batch, not one shard."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    devices = jax.devices()
+    if len(devices) < 2:
+        pytest.skip("needs several (simulated) devices")
+    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,))  # as parallel/
+    z2, z3, labels, protos, valid = make_case(10, b=2 * len(devices), c=5, pad=3)
+    shard = NamedSharding(mesh, P("data"))
+    args = [jax.device_put(np.asarray(x, np.float32 if x.dtype.kind == "f" else x.dtype), shard)
+            for x in (z2, z3, labels)]
+    got = jax.jit(balanced_contrastive_loss, static_argnums=5)(
+        args[0], args[1], args[2], jnp.asarray(protos, jnp.float32),
+        jax.device_put(valid, shard), 0.08)
+    np.testing.assert_allclose(float(got), brute_balscl(z2, z3, labels, protos, valid, 0.08),
+                               rtol=1e-5)

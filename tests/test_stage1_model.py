@@ -50,8 +50,8 @@ def test_shapes_norms_and_numpy_head_eval(setup):
     assert all(v.dtype == jnp.float32 for v in out.values())
     np.testing.assert_allclose(np.linalg.norm(out["z"], axis=-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(out["prototypes"], axis=-1), 1.0, rtol=1e-5)
-    logits, z, protos, _ = np_head(variables["params"]["head"], np.asarray(out["pooled"]),
-                                   jax.tree.map(np.asarray, variables["batch_stats"]["head"]["proj_bn"]))
+    bn = jax.tree.map(np.asarray, variables["batch_stats"]["head"]["proj_bn"])
+    logits, z, protos, _ = np_head(variables["params"]["head"], np.asarray(out["pooled"]), bn)
     np.testing.assert_allclose(out["logits"], logits, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out["z"], z, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out["prototypes"], protos, rtol=1e-4, atol=1e-5)
