@@ -39,17 +39,21 @@ class WaferSource(gp.RandomAccessDataSource):
 
 
 class _Remapped(gp.RandomAccessDataSource):
-    """Source whose record k is ``base[ids[k]]`` (for class-balanced resampling)."""
+    """Source whose record k is ``base[ids[k]]`` with 'index' = ids[k], the record's position
+    in ``base`` (ids = None: identity, to stamp positions on e.g. a TFDS source, whose own
+    stored 'index' field is the row in the original file)."""
 
-    def __init__(self, base, ids: np.ndarray):
-        self._base, self._ids = base, np.asarray(ids, np.int64)
+    def __init__(self, base, ids: np.ndarray | None = None):
+        self._base = base
+        self._ids = None if ids is None else np.asarray(ids, np.int64)
 
     def __len__(self):
-        return len(self._ids)
+        return len(self._base) if self._ids is None else len(self._ids)
 
     def __getitem__(self, k):
-        rec = dict(self._base[int(self._ids[int(k)])])
-        rec.setdefault("index", np.int64(self._ids[int(k)]))
+        i = int(k) if self._ids is None else int(self._ids[int(k)])
+        rec = dict(self._base[i])
+        rec["index"] = np.int64(i)
         return rec
 
     def __repr__(self):
@@ -120,7 +124,8 @@ def image_loader(dataset, *, image_size: int, batch_size: int, num_views: int = 
                  balanced=False, worker_count: int = 0, shard_options=None,
                  drop_remainder: bool | None = None) -> gp.DataLoader:
     """grain DataLoader of batches {'image' float32[B,S,S,3] | 'views' float32[B,V,S,S,3],
-    'label' int32[B], 'index' int64[B]} (index = record id in ``dataset``).
+    'label' int32[B], 'index' int64[B]} (index = position of the record in ``dataset``, so
+    ``dataset[index]`` / ``dataset.maps[index]`` is the map the image came from).
 
     dataset: WaferDataset or a random-access source of {'map', 'label'} records.
     train: shuffle every epoch and draw random views; eval keeps the order, no augmentation.
@@ -131,7 +136,7 @@ def image_loader(dataset, *, image_size: int, batch_size: int, num_views: int = 
         raise ValueError(f"num_views={num_views}: expected 1 or 3")
     if batch_size < 1 or image_size < 1:
         raise ValueError(f"batch_size={batch_size}, image_size={image_size}: expected >= 1")
-    source = WaferSource(dataset) if isinstance(dataset, WaferDataset) else dataset
+    source = WaferSource(dataset) if isinstance(dataset, WaferDataset) else _Remapped(dataset)
     if len(source) == 0:
         raise ValueError("image_loader: the dataset is empty")
     if balanced:
