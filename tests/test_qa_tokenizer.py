@@ -181,3 +181,17 @@ def test_bucketed_batches(built):
             else:
                 assert n == 0 and b["loss_mask"][r].sum() == 0
     assert sorted(seen) == sorted(e["image_index"] for e in enc)
+
+
+def test_inference_prompt_is_training_prefix(built):
+    from wamglm_jax.qa.encode import encode_prompt
+    tok, _, items = built
+    for it in items[:5]:
+        full = encode_dialogue(tok, it["messages"], num_image_tokens=N_IMG, max_len=4096)
+        for t in range(0, len(it["messages"]), 2):
+            pr = encode_prompt(tok, it["messages"][:t + 1], num_image_tokens=N_IMG)
+            assert full["tokens"][:len(pr)].tolist() == pr.tolist()
+            # the next tokens are exactly the answer (the first trained tokens after the prompt)
+            assert full["loss_mask"][len(pr)] == 1 and full["loss_mask"][len(pr) - 1] == 0
+    with pytest.raises(EncodeError, match="end with a user turn"):
+        encode_prompt(tok, items[0]["messages"][:2], num_image_tokens=N_IMG)

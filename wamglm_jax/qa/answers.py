@@ -4,7 +4,8 @@ item's answer_key value.
 
 Kinds and their values (the `value` of an answer_key entry):
   defect_type   list[str]  sorted canonical pattern names; [] = no pattern (none)
-  why_type      {"kb_keys": list[str]}   entries whose `description` is given ([\"none\"] if none)
+  why_type      {"kb_keys": list[str]}   entries whose `description` is given (["none"]
+                 for a map without pattern)
   location      {"zones": list[str] (center/middle/edge, or ["spread"], [] = no failing die),
                  "side": "upper-left"|...|"upper"|"lower"|"left"|"right"|"none"|None}
   type_location {"pattern": str, "present": bool, "zones": list[str] | None (None = cannot
@@ -29,8 +30,8 @@ from typing import Any
 from wamglm_jax.data.labels import WM811K_CLASSES
 from wamglm_jax.qa.knowledge_base import KnowledgeBase, load_knowledge_base
 
-KINDS = ("defect_type", "why_type", "location", "type_location", "zone_extent", "count", "yield", "area", "cause",
-         "adjustment", "severity", "why_severity", "batch")
+KINDS = ("defect_type", "why_type", "location", "type_location", "zone_extent", "count",
+         "yield", "area", "cause", "adjustment", "severity", "why_severity", "batch")
 PATTERNS = tuple(p for p in WM811K_CLASSES if p != "none")
 ZONE_TEXT = {"center": "the center", "middle": "the middle ring", "edge": "the edge"}
 CANNOT_TELL = "I cannot tell from this map"
@@ -130,10 +131,12 @@ def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None) -> str
         return f"Severity: {value['severity']}. Recommended disposition: {e.disposition}."
     if kind == "batch":
         if value["lot"] is None:
-            return f"{CANNOT_TELL}: it has no lot information, so I cannot compare it with other wafers."
+            return (f"{CANNOT_TELL}: it has no lot information, so I cannot compare it with "
+                    "other wafers.")
         n, s = value["n_wafers"], value["n_sharing"]
         if n <= 1:
-            return f"Lot {value['lot']} has only this wafer in the data, so there is nothing to compare."
+            return (f"Lot {value['lot']} has only this wafer in the data, so there is nothing "
+                    "to compare.")
         return (f"Lot {value['lot']} has {n} wafers in the data; {s} of the other {n - 1} "
                 "share a defect type with this one.")
     raise ValueError(f"render_answer: unknown kind {kind!r}; expected one of {KINDS}")
@@ -222,7 +225,8 @@ def parse_answer(kind: str, text: str, kb: KnowledgeBase | None = None) -> Any:
         t = text.lower()
         found = [s for s in kb.severity_levels if re.search(rf"\b{re.escape(s.lower())}\b", t)]
         m = re.search(r"severity:\s*(\w+)", t)
-        sev = m.group(1) if m and m.group(1) in kb.severity_levels else (found[0] if found else None)
+        sev = (m.group(1) if m and m.group(1) in kb.severity_levels
+               else found[0] if found else None)
         return {"severity": sev}
     if kind == "batch":
         if "cannot tell" in text.lower():

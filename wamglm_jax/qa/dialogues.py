@@ -128,7 +128,8 @@ def render_dialogue(m: np.ndarray, label_space: str, label: int, batch: dict, pl
     for t, step in enumerate(plan):
         q = bank[step["kind"]][step["q"]]
         if step.get("zone") or step.get("pattern"):
-            q = q.format(zone=ZONE_WORDS.get(step.get("zone"), ""), pattern=step.get("pattern"))
+            q = q.format(zone=ZONE_WORDS.get(step.get("zone"), ""),
+                         pattern=step.get("pattern"))
         if t == 0:
             q = f"{IMAGE_TOKEN}\n{q}"
         value = answer_value(step["kind"], step, m, types, facts, batch, kb)

@@ -159,3 +159,22 @@ def bucketed_batches(encoded: Sequence[dict], batch_size: int, pad_id: int,
     for k in order:
         b, chunk = plan[k]
         yield pad_batch([encoded[i] for i in chunk], b, pad_id, batch_size)
+
+
+def encode_prompt(tok, messages: list[dict], *, num_image_tokens: int,
+                  image_token_id: int | None = None) -> np.ndarray:
+    """Inference prompt: the dialogue so far (ending with a user turn) rendered with the
+    generation prompt (`<|assistant|>\\n` for our template), `<image>` expanded to N tokens.
+    Returns int32[T]. Generation stops at the eos token (the template ends answers with it)."""
+    img = int(tok.convert_tokens_to_ids(IMAGE)) if image_token_id is None else image_token_id
+    if not messages or messages[-1]["role"] != "user":
+        raise EncodeError("encode_prompt: the dialogue must end with a user turn")
+    n_img = sum(m["content"].count(IMAGE) for m in messages)
+    if n_img != 1 or IMAGE not in messages[0]["content"]:
+        raise EncodeError(f"encode_prompt: expected exactly one {IMAGE} in the first user turn")
+    out = tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                  add_generation_prompt=True)
+    ids = np.asarray(out["input_ids"], np.int64)
+    p = int(np.flatnonzero(ids == img)[0])
+    return np.concatenate([ids[:p], np.full(int(num_image_tokens), img), ids[p + 1:]]
+                          ).astype(np.int32)

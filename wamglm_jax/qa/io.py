@@ -90,7 +90,8 @@ def _builder_class():
                 "class": np.int32, "heldout": np.bool_, "image_index": np.int32}))
 
         def _split_generators(self, dl_manager):
-            return {name: self._generate_examples(items, ds) for name, (items, ds) in self._splits.items()}
+            return {name: self._generate_examples(items, ds)
+                    for name, (items, ds) in self._splits.items()}
 
         def _generate_examples(self, items, ds):
             for it in items:
