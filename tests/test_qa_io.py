@@ -21,7 +21,8 @@ def test_build_write_read_and_stats(tmp_path, capsys):
     assert [it["messages"] for it in items] == [it["messages"] for it in out["items"]["train"]]
     assert all(it["images"] == [f"train_maps.npz#{it['image_index']}"] for it in items)
     assert all(it["heldout"] for it in io.read_jsonl(str(tmp_path / "test.jsonl")))
-    ds = io.load_maps(str(tmp_path / "train_maps.npz"))
+    items2, ds = io.load_vmqa(str(tmp_path), "train")
+    assert items2 == items
     assert len(ds) == len(train) and ds.label_space == "wm811k"
     for a, b, ma, mb in zip(ds.maps, train.maps, ds.meta, train.meta):
         assert np.array_equal(a, b) and ma["lot"] == mb["lot"]

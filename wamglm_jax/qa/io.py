@@ -150,3 +150,10 @@ def write_vmqa(out_dir: str, splits: dict, tfds_too: bool = True) -> dict:
     if tfds_too:
         paths["tfds"] = write_tfds(os.path.join(out_dir, "tfds"), splits)
     return paths
+
+
+def load_vmqa(out_dir: str, split: str) -> tuple[list[dict], object]:
+    """(items, WaferDataset) of one split written by write_vmqa; item['image_index'] indexes
+    the dataset's maps."""
+    items = read_jsonl(os.path.join(out_dir, f"{split}.jsonl"))
+    return items, load_maps(os.path.join(out_dir, f"{split}_maps.npz"))
