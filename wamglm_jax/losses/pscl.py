@@ -84,7 +84,8 @@ def balanced_contrastive_loss(z2: jax.Array, z3: jax.Array, labels: jax.Array,
     inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
 
     def per_anchor(z_i, y_i, i):
-        s = (feats @ z_i) * inv_t                                 # float[M] s_ij
+        # HIGHEST: full fp32 products on GPU/TPU too (no TF32/bf16 passes); s can reach 1/t.
+        s = jnp.matmul(feats, z_i, precision=jax.lax.Precision.HIGHEST) * inv_t  # float[M]
         others = member_valid & (member_idx != i)                 # j in A, j != i
         same = member_label == y_i
         pos = others & same                                       # P(i)
