@@ -180,3 +180,23 @@ def test_pca_matches_sklearn():
     want = ref.transform(x)
     np.testing.assert_allclose(np.abs(x2), np.abs(want), rtol=1e-8, atol=1e-10)   # sign-free
     np.testing.assert_allclose(ratio, ref.explained_variance_ratio_, rtol=1e-8)
+
+
+def test_write_evaluation_one_call(tmp_path):
+    from wamglm_jax.evaluate.classification import write_evaluation
+    rng = np.random.default_rng(8)
+    c, n = 4, 80
+    y = rng.integers(0, c, n)
+    logits = np.eye(c)[y] * 3 + rng.standard_normal((n, c))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    protos = rng.standard_normal((c, 5))
+    rep = write_evaluation(tmp_path, y, probs.argmax(1), NAMES[:c], stage="stage1", steps=3,
+                           final_train_loss=0.25, wall_seconds=1.0, probs=probs,
+                           features=protos[y] + 0.1 * rng.standard_normal((n, 5)),
+                           prototypes=protos, split="test")
+    assert rep["macro_f1"] == pytest.approx(skm.f1_score(y, probs.argmax(1), average="macro"))
+    assert rep["plots"] == {"confusion_matrix": "confusion_matrix.png",
+                            "features": "features_pca.png"}
+    for name in rep["plots"].values():
+        _check_png(tmp_path / name)
+    assert json.loads((tmp_path / "report.json").read_text())["split"] == "test"

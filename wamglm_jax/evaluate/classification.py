@@ -11,7 +11,10 @@ Typical use by an eval loop:
     write_report(workdir / 'stage1', stage='stage1', steps=..., final_train_loss=...,
                  wall_seconds=..., metrics=metrics, dataset='val')
 
-or, with whole prediction arrays: `classification_metrics(y_true, y_pred, class_names, probs)`.
+or, with whole prediction arrays: `classification_metrics(y_true, y_pred, class_names, probs)`,
+or everything at once (metrics, confusion-matrix PNG, feature plot, report):
+`write_evaluation(out_dir, y_true, y_pred, class_names, stage=..., steps=...,
+final_train_loss=..., wall_seconds=..., probs=..., features=z, prototypes=p)`.
 
 Conventions (those of sklearn's defaults):
   * confusion matrix rows = true class, columns = predicted class;
@@ -35,7 +38,8 @@ import numpy as np
 from clu import metrics as clu_metrics
 
 __all__ = ["ConfusionMatrix", "classification_metrics", "confusion_matrix",
-           "metrics_from_confusion", "write_report", "atomic_write_text", "REQUIRED_KEYS"]
+           "metrics_from_confusion", "write_report", "write_evaluation", "atomic_write_text",
+           "REQUIRED_KEYS"]
 
 _FILE = "wamglm_jax/evaluate/classification.py"
 REQUIRED_KEYS = ("stage", "steps", "final_train_loss", "wall_seconds", "accuracy", "macro_f1",
@@ -260,3 +264,30 @@ def write_report(out_dir, *, stage: str, steps: int, final_train_loss: Optional[
                       json.dumps(report, indent=2, allow_nan=False) + "\n")
     atomic_write_text(os.path.join(os.fspath(out_dir), "report.md"), _markdown(report))
     return report
+
+
+def write_evaluation(out_dir, y_true, y_pred, class_names: Sequence[str], *, stage: str,
+                     steps: int, final_train_loss: Optional[float], wall_seconds: float,
+                     probs=None, features=None, prototypes=None, embed_method: str = "pca",
+                     **extra) -> dict:
+    """One call for an evaluation: metrics + confusion-matrix PNG + (optional) feature plot
+    + report.json/md, all in out_dir. Returns the report dict.
+
+    features float[N,D] (e.g. the projected z of the evaluated maps, same order as y_true)
+    and prototypes float[C,D] give `features_<method>.png`. File names of the plots are
+    recorded in the report under `plots`.
+    """
+    from wamglm_jax.evaluate import plots  # matplotlib only when plotting
+
+    metrics = classification_metrics(y_true, y_pred, class_names, probs=probs)
+    out_dir = os.fspath(out_dir)
+    names = {"confusion_matrix": "confusion_matrix.png"}
+    plots.plot_confusion_matrix(metrics["confusion_matrix"], class_names,
+                                os.path.join(out_dir, names["confusion_matrix"]))
+    if features is not None:
+        names["features"] = f"features_{embed_method}.png"
+        plots.plot_embedding(features, y_true, class_names,
+                             os.path.join(out_dir, names["features"]),
+                             prototypes=prototypes, method=embed_method)
+    return write_report(out_dir, stage=stage, steps=steps, final_train_loss=final_train_loss,
+                        wall_seconds=wall_seconds, metrics=metrics, plots=names, **extra)
