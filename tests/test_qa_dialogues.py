@@ -277,3 +277,12 @@ def test_type_location_cases():
     assert new["answer_key"][0]["value"] == {"pattern": "Edge-Loc", "present": True,
                                              "zones": ["edge"], "side": "upper-right"}
     assert new["messages"][0]["content"] == "<image>\nWhere is the Edge-Loc pattern?"
+
+
+def test_map_without_dies_names_index():
+    from types import SimpleNamespace
+    m = np.zeros((5, 5), np.uint8)
+    ds = SimpleNamespace(maps=[disc(9, 9)[0], m], labels=np.array([8, 8]), label_space="wm811k",
+                         meta=None, source="mem")
+    with pytest.raises(ValueError, match="mem: map 1: .*at least one die"):
+        build_dialogues(ds)

@@ -161,8 +161,12 @@ def build_dialogues(dataset, *, seed: int = 0, per_map: int = 1,
         for k in range(per_map):
             ho = bool(heldout) if isinstance(heldout, bool) else bool(rng.random() < heldout)
             plan = sample_plan(rng, ho, sorted(defect_set(dataset.label_space, label)))
-            messages, key = render_dialogue(dataset.maps[i], dataset.label_space, label, batch,
-                                            plan, ho, kb)
+            try:
+                messages, key = render_dialogue(dataset.maps[i], dataset.label_space, label,
+                                                batch, plan, ho, kb)
+            except ValueError as e:
+                raise ValueError(f"{getattr(dataset, 'source', '') or 'dataset'}: map {i}: {e}"
+                                 ) from None
             items.append({"id": f"{id_prefix}{i}-{k}", "images": [f"{maps_name}#{i}"],
                           "image_index": int(i), "messages": messages, "class": label,
                           "class_name": names[label], "label_space": dataset.label_space,
