@@ -103,7 +103,8 @@ def test_write_report_files_and_keys(tmp_path):
     m = classification_metrics(y, pred, NAMES)
     out = tmp_path / "stage1"
     rep = write_report(out, stage="stage1", steps=120, final_train_loss=float("nan"),
-                       wall_seconds=3.5, metrics=m, dataset="val", seed=np.int64(7))
+                       wall_seconds=3.5, metrics=m, dataset="val", seed=np.int64(7),
+                       splits={"val": m}, history=[0.5] * 300)
     data = json.loads((out / "report.json").read_text())
     for k in REQUIRED_KEYS + ("dataset", "seed", "confusion_matrix"):
         assert k in data
@@ -113,6 +114,8 @@ def test_write_report_files_and_keys(tmp_path):
     assert set(data["per_class"]) == set(NAMES)
     md = (out / "report.md").read_text()
     assert "| accuracy |" in md and all(f"| {n} |" in md for n in NAMES)
+    assert f"| val | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {len(y)} |" in md
+    assert "history: (" in md and data["history"] == [0.5] * 300
     assert sorted(os.listdir(out)) == ["report.json", "report.md"]      # no temp files left
     with pytest.raises(ValueError, match="twice"):
         write_report(out, stage="s", steps=1, final_train_loss=0.1, wall_seconds=1.0,

@@ -235,8 +235,20 @@ def _markdown(report: Mapping[str, Any]) -> str:
                   for n, row in zip(names, cm)]
     nested = {k: v for k, v in report.items()
               if k not in skip and isinstance(v, (dict, list))}
+    for k, v in list(nested.items()):   # {name: metrics dict} (e.g. per split) -> a table
+        if (isinstance(v, dict) and v and all(isinstance(m, dict) and "accuracy" in m
+                                              and "macro_f1" in m for m in v.values())):
+            lines += ["", f"## {k}", "", f"| {k} | accuracy | macro_f1 | examples |",
+                      "| --- | ---: | ---: | ---: |"]
+            lines += [f"| {name} | {_fmt(m['accuracy'])} | {_fmt(m['macro_f1'])} | "
+                      f"{_fmt(m.get('num_examples'))} |" for name, m in v.items()]
+            del nested[k]
     if nested:
-        lines += ["", "## Other fields", "", "```json", json.dumps(nested, indent=2), "```"]
+        lines += ["", "## Other fields", ""]
+        for k, v in nested.items():
+            text = json.dumps(v)
+            lines.append(f"- {k}: " + (f"`{text}`" if len(text) <= 300 else
+                                       f"({len(text)} characters; see report.json)"))
     return "\n".join(lines) + "\n"
 
 
