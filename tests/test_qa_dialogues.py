@@ -125,7 +125,8 @@ def loops_lot(ds, i):
         if j != i:
             other = defect_set(ds.label_space, int(ds.labels[j]))
             share += (len(mine & other) > 0) if mine else (len(other) == 0)
-    return {"lot": str(lot), "n_wafers": len(members), "n_sharing": share}
+    return {"lot": str(lot), "n_wafers": len(members), "n_sharing": share,
+            "patterned": (len(mine) > 0) if len(members) > 1 else None}
 
 
 def disc(H, W):
@@ -192,7 +193,7 @@ def test_hand_maps_known_answers():
     if 2 in batch:   # the wafer without a lot: explicit cannot-tell, no invented lot
         assert batch[2] == {"lot": None} and all("cannot tell" in t for t in texts)
     if 0 in batch:
-        assert batch[0] == {"lot": "L1", "n_wafers": 2, "n_sharing": 0}
+        assert batch[0] == {"lot": "L1", "n_wafers": 2, "n_sharing": 0, "patterned": True}
 
 
 def test_no_lot_gives_cannot_tell():
@@ -286,3 +287,17 @@ def test_map_without_dies_names_index():
                          meta=None, source="mem")
     with pytest.raises(ValueError, match="mem: map 1: .*at least one die"):
         build_dialogues(ds)
+
+
+def test_batch_answers_all_cases():
+    ds = hand_dataset()
+    ds.labels = np.array([0, 8, 8, 6], np.int32)   # wafer 1 of lot L1 is normal now
+    for i, text in [(0, "Lot L1 has 2 wafers in the data; 0 of the other 1 share a defect type"),
+                    (1, "Lot L1 has 2 wafers in the data; 0 of the other 1 are also free"),
+                    (2, "I cannot tell from this map"), (3, "Lot L2 has only this wafer")]:
+        it = build_dialogues(ds, seed=0, indices=[i])[0]
+        it = dict(it, plan=[{"kind": "batch", "q": 0, "zone": None, "pattern": None}])
+        new, _ = transform_item(it, ds.maps[i], 0, False)
+        assert new["answer_key"][0]["value"] == loops_lot(ds, i)
+        assert new["messages"][1]["content"].startswith(text)
+        assert parse_answer("batch", new["messages"][1]["content"]) == loops_lot(ds, i)

@@ -18,7 +18,10 @@ Kinds and their values (the `value` of an answer_key entry):
   adjustment    {"kb_keys": list[str]}   entries whose actions are all given
   severity      {"severity": str, "kb_key": str}
   why_severity  {"kb_keys": list[str]}   entry whose severity_reason is given
-  batch         {"lot": None} (cannot tell) or {"lot": str, "n_wafers": int, "n_sharing": int}
+  batch         {"lot": None} (cannot tell) or {"lot": str, "n_wafers": int, "n_sharing": int,
+                 "patterned": bool} (n_sharing: other wafers of the lot sharing a defect type, or,
+                 when this wafer has no pattern, other wafers also without pattern; patterned
+                 is None when the lot has only this wafer)
 `parse_answer` returns the same structure (kb-valued kinds: the set of keys found, sorted;
 fields it cannot find are None).
 """
@@ -137,8 +140,9 @@ def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None) -> str
         if n <= 1:
             return (f"Lot {value['lot']} has only this wafer in the data, so there is nothing "
                     "to compare.")
-        return (f"Lot {value['lot']} has {n} wafers in the data; {s} of the other {n - 1} "
-                "share a defect type with this one.")
+        what = ("share a defect type with this one" if value["patterned"]
+                else "are also free of defect patterns")
+        return f"Lot {value['lot']} has {n} wafers in the data; {s} of the other {n - 1} {what}."
     raise ValueError(f"render_answer: unknown kind {kind!r}; expected one of {KINDS}")
 
 
@@ -233,10 +237,12 @@ def parse_answer(kind: str, text: str, kb: KnowledgeBase | None = None) -> Any:
             return {"lot": None}
         m = re.search(r"Lot (\S+?) has", text)
         lot = m.group(1) if m else None
+        patterned = not re.search(r"free of defect|without (?:a )?pattern|also normal",
+                                  text.lower())
         if re.search(r"only this wafer", text):
-            return {"lot": lot, "n_wafers": 1, "n_sharing": 0}
+            return {"lot": lot, "n_wafers": 1, "n_sharing": 0, "patterned": None}
         n = re.search(_INT + r" wafers", text)
         s = re.search(_INT + r" of the other", text)
         return {"lot": lot, "n_wafers": int(n.group(1)) if n else None,
-                "n_sharing": int(s.group(1)) if s else None}
+                "n_sharing": int(s.group(1)) if s else None, "patterned": patterned}
     raise ValueError(f"parse_answer: unknown kind {kind!r}; expected one of {KINDS}")

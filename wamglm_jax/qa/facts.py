@@ -152,7 +152,9 @@ def lot_index(meta: Sequence[dict] | None) -> dict[str, list[int]]:
 def batch_facts(index: int, labels: Sequence[int], label_space: str,
                 meta: Sequence[dict] | None, lots: dict[str, list[int]] | None = None
                 ) -> dict[str, Any]:
-    """{lot: None} when the wafer has no lot; else {lot, n_wafers, n_sharing}."""
+    """{lot: None} when the wafer has no lot; else {lot, n_wafers, n_sharing, patterned}
+    (patterned: this wafer has a defect pattern, so n_sharing counts wafers sharing a type;
+    else it counts the other wafers without pattern; None when the lot has only this wafer)."""
     md = (meta[index] if meta is not None and index < len(meta) else None) or {}
     lot = md.get("lot")
     if lot is None or str(lot) == "":
@@ -167,4 +169,5 @@ def batch_facts(index: int, labels: Sequence[int], label_space: str,
             continue
         other = defect_set(label_space, int(labels[j]))
         sharing += bool(mine & other) if mine else (not other)
-    return {"lot": lot, "n_wafers": len(members), "n_sharing": int(sharing)}
+    return {"lot": lot, "n_wafers": len(members), "n_sharing": int(sharing),
+            "patterned": bool(mine) if len(members) > 1 else None}
