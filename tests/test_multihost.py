@@ -2,7 +2,8 @@
 
 Each process feeds its own rows; `sharding.global_batch` assembles the global array with
 jax.make_array_from_process_local_data; reductions over it (jit and shard_map psum) must equal
-numpy on the full batch. Also runs `python -m wamglm_jax.main` as 2 processes.
+numpy on the full batch. Also runs launch/slurm_gpu.sbatch (stub srun) = main.py as 2
+processes, and checks the TPU pod script's gcloud commands (dry run).
 """
 import json
 import os
@@ -87,18 +88,72 @@ def test_two_process_global_batch():
 
 
 @pytest.mark.slow
-def test_main_two_processes(tmp_path):
-    """`python -m wamglm_jax.main` with --coordinator_address/--num_processes/--process_id."""
-    addr = f"127.0.0.1:{portpicker.pick_unused_port()}"
+def test_slurm_script_runs_main_on_two_processes(tmp_path):
+    """launch/slurm_gpu.sbatch with stub `srun` (2 local tasks) and `scontrol`: the script's
+    main.py line (--coordinator_address/--num_processes/--process_id) forms one 4-device run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\n"                                   # drop srun options, run 2 tasks
+        "while [[ $1 == --* ]]; do shift; done\n"
+        "pids=()\n"
+        "for i in 0 1; do SLURM_PROCID=$i \"$@\" > \"$SRUN_LOG.$i\" 2>&1 & pids+=($!); done\n"
+        "rc=0; for p in ${pids[@]}; do wait $p || rc=1; done; exit $rc\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
     env = _env()
-    env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
-    env["JAX_NUM_CPU_DEVICES"] = "2"
-    cmds = [[sys.executable, "-m", "wamglm_jax.main", "--config=configs/presets.py:tiny",
-             f"--workdir={tmp_path}", "--config.mesh.fsdp=2", f"--coordinator_address={addr}",
-             "--num_processes=2", f"--process_id={i}"] for i in range(2)]
-    outs = _run_all(cmds, env)
-    assert "4 devices, 2 process(es)" in outs[0]
-    summary = json.load(open(tmp_path / "shapes.json"))
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SLURM_JOB_NODELIST="node1",
+               SLURM_NTASKS="2", PORT=str(portpicker.pick_unused_port()), PYTHON=sys.executable,
+               SRUN_LOG=str(tmp_path / "task"), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+               JAX_NUM_CPU_DEVICES="2", SLURM_SUBMIT_DIR=ROOT)
+    workdir = tmp_path / "run"
+    out = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm_gpu.sbatch"),
+                          "configs/presets.py:tiny", str(workdir), "--config.mesh.fsdp=2"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    logs = [(tmp_path / f"task.{i}").read_text() for i in range(2)]
+    assert out.returncode == 0, out.stderr[-2000:] + "\n".join(l[-2000:] for l in logs)
+    assert "4 devices, 2 process(es)" in logs[0]
+    summary = json.load(open(workdir / "shapes.json"))
     assert summary["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
-    assert json.load(open(tmp_path / "config.json"))["mesh"]["fsdp"] == 2
-    assert "total:" in outs[0] and "total:" not in outs[1]     # printing on process 0 only
+    assert json.load(open(workdir / "config.json"))["mesh"]["fsdp"] == 2
+    assert "total:" in logs[0] and "total:" not in logs[1]     # printing on process 0 only
+
+
+def test_tpu_pod_script_commands():
+    env = dict(os.environ, DRY_RUN="1", PROJECT="proj")
+    out = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "mytpu", "zone-a",
+                          "configs/presets.py:pod7b", "gs://b/run", "--config.mesh.fsdp=-1"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = [l for l in out.stdout.splitlines() if l.startswith("gcloud")]
+    assert len(lines) == 4 and all("--worker=all" in l and "--project=proj" in l for l in lines)
+    assert "WAMGLM_DISTRIBUTED=auto" in lines[-1]
+    assert "python\\ -m\\ wamglm_jax.main\\ --config=configs/presets.py:pod7b" in lines[-1]
+    assert "--workdir=gs://b/run\\ --config.mesh.fsdp=-1" in lines[-1]
+    assert subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh")],
+                          capture_output=True, text=True).returncode == 2     # usage
+
+
+def test_maybe_initialize_arguments(monkeypatch):
+    from wamglm_jax.parallel import multihost
+    with pytest.raises(ValueError, match=r"--num_processes=2 needs --coordinator_address"):
+        multihost.maybe_initialize(None, 2, 0)
+    with pytest.raises(ValueError, match=r"--process_id=2 is outside \[0, 2\)"):
+        multihost.maybe_initialize("127.0.0.1:1234", 2, 2)
+    monkeypatch.delenv("WAMGLM_DISTRIBUTED", raising=False)
+    for k in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NPROCS", "TPU_WORKER_HOSTNAMES",
+              "CLOUD_TPU_TASK_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(k, raising=False)
+    assert multihost.maybe_initialize(None, None, None) is False    # single host: no init
+    assert multihost.maybe_initialize(None, 1, 0) is False
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert multihost.is_multihost_env()
+    monkeypatch.setenv("WAMGLM_DISTRIBUTED", "off")
+    assert not multihost.is_multihost_env()
+    monkeypatch.setenv("WAMGLM_DISTRIBUTED", "")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert not multihost.is_multihost_env()
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1w0,t1w1")
+    assert multihost.is_multihost_env()

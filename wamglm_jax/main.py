@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 
 import jax
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from configs import common
@@ -72,9 +72,9 @@ def run_stages(config, workdir: str) -> None:
         raise ValueError("config.stages is empty: nothing to run")
     runs = [load_stage(s) for s in stages]          # fail before any work if one is missing
     if multihost.is_main_process():
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        out = epath.Path(workdir)                   # local path or gs://... (pods)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
     mesh = mesh_lib.make_mesh(config.mesh)
     multihost.log_main("%s; stages %s; workdir %s", mesh_lib.describe(mesh), stages, workdir)
     with sharding.activate(mesh, sharding.rules_from_config(config)):

@@ -29,8 +29,37 @@ def _slurm_multi_task_env() -> bool:
     return bool(os.environ.get("SLURM_JOB_ID")) and ntasks is not None and int(ntasks) > 1
 
 
+def _jax_detected_process_count() -> int | None:
+    """Process count from JAX's own cluster detection (Cloud TPU metadata, SLURM, ...).
+
+    Uses JAX's private `clusters` module (what `jax.distributed.initialize()` itself uses);
+    any failure there just means "not detected".
+    """
+    try:
+        from jax._src import clusters
+        for env in clusters.ClusterEnv._cluster_types:
+            if not getattr(env, "opt_in_only_method", False) and env.is_env_present():
+                return int(env.get_process_count())
+    except Exception as e:  # noqa: BLE001  (private API; detection is best effort)
+        logging.debug("JAX cluster detection failed: %s", e)
+    return None
+
+
 def is_multihost_env() -> bool:
-    return _tpu_pod_env() or _slurm_multi_task_env()
+    """The environment says the run spans several processes (no flags needed).
+
+    `WAMGLM_DISTRIBUTED=auto` forces `jax.distributed.initialize()` with auto-detection
+    (launch/tpu_pod.sh sets it); `WAMGLM_DISTRIBUTED=off` disables detection.
+    """
+    mode = os.environ.get("WAMGLM_DISTRIBUTED", "").lower()
+    if mode in ("off", "0", "false", "no"):
+        return False
+    if mode in ("auto", "1", "true", "yes"):
+        return True
+    if _tpu_pod_env() or _slurm_multi_task_env():
+        return True
+    n = _jax_detected_process_count()
+    return n is not None and n > 1
 
 
 def maybe_initialize(coordinator_address: str | None = None, num_processes: int | None = None,

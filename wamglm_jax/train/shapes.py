@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from etils import epath
 
 from wamglm_jax.parallel import multihost, sharding
 
@@ -82,10 +81,10 @@ def run(config, workdir, mesh):
               f"{summary['params_per_device']:,} params, "
               f"{summary['bytes_per_device_params_adamw'] / 2**30:.2f} GiB fp32 params+AdamW "
               f"({dict(mesh.shape)})")
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "shapes.json"), "w") as f:
-            json.dump(dict(summary=summary, mesh=dict(mesh.shape),
-                           params=[{k: (list(v) if isinstance(v, tuple) else v)
-                                    for k, v in r.items()} for r in rows]),
-                      f, indent=1, default=str)
+        out = epath.Path(workdir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "shapes.json").write_text(json.dumps(
+            dict(summary=summary, mesh=dict(mesh.shape),
+                 params=[{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()}
+                         for r in rows]), indent=1, default=str))
     return summary
