@@ -15,8 +15,8 @@ from wamglm_jax.models.vit import VisionTransformer
 def small_cfg(**kw):
     cfg = presets.model_config("tiny")
     cfg.vit.image_size, cfg.vit.patch_size = 16, 4          # N = 16
-    cfg.vit.num_layers, cfg.vit.feature_layer = 3, -2
-    cfg.lm.vocab_size, cfg.lm.num_layers = 97, 3
+    cfg.vit.num_layers, cfg.vit.feature_layer = 2, -2     # features = block 0 output
+    cfg.lm.vocab_size, cfg.lm.num_layers = 97, 2
     for k, v in kw.items():
         obj = cfg
         *path, last = k.split(".")
@@ -39,7 +39,13 @@ def make_batch(cfg, b=3, t_text=7, seed=0):
 
 def init_model(cfg, seed=0):
     images, tokens, mask = make_batch(cfg)
-    return nn.unbox(WamGLM(cfg).init(jax.random.key(seed), images, tokens, mask)["params"])
+    init = jax.jit(lambda k: nn.unbox(WamGLM(cfg).init(k, images, tokens, mask)["params"]))
+    return init(jax.random.key(seed))
+
+
+def jit_apply(model, method=None):
+    """model.apply, jitted (tests run many small forwards; eager op-by-op is slow)."""
+    return jax.jit(lambda v, *a: model.apply(v, *a, method=method))
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +70,8 @@ def test_kv_cache_matches_full_forward_with_padding(tie):
     mask = np.ones((b, t), np.int32)
     mask[1, :3] = 0            # left-padded row
     mask[2, -2:] = 0           # right-padded row
-    p = dec.init(jax.random.key(0), tokens, attention_mask=mask)
-    full = np.asarray(dec.apply(p, tokens, attention_mask=mask))
+    p = jax.jit(lambda k: dec.init(k, tokens, attention_mask=mask))(jax.random.key(0))
+    full = np.asarray(jax.jit(lambda p, t, m: dec.apply(p, t, attention_mask=m))(p, tokens, mask))
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
 
     # 1) one token at a time from an empty cache (pads fed too, flagged invalid).
@@ -80,7 +86,8 @@ def test_kv_cache_matches_full_forward_with_padding(tie):
 
     # 2) prefill the first 5 tokens, then decode the rest one by one.
     cache = init_cache(cfg, b, max_len=16)
-    lg, cache = dec.apply(p, tokens[:, :5], attention_mask=mask[:, :5], cache=cache)
+    lg, cache = jax.jit(lambda c, t, m: dec.apply(p, t, attention_mask=m, cache=c))(
+        cache, tokens[:, :5], mask[:, :5])
     real = mask[:, :5] == 1
     np.testing.assert_allclose(np.asarray(lg)[real], full[:, :5][real], atol=1e-5, rtol=0)
     for i in range(5, t):
@@ -97,34 +104,34 @@ def test_decode_after_padded_prompts_equals_unpadded_forward():
     rng = np.random.default_rng(2)
     real_prompt = rng.integers(0, cfg.lm.vocab_size, 4).astype(np.int32)
     cont = rng.integers(0, cfg.lm.vocab_size, 3).astype(np.int32)
-    p = dec.init(jax.random.key(1), real_prompt[None])
-    alone = np.asarray(dec.apply(p, np.concatenate([real_prompt, cont])[None]))[0]
+    p = jax.jit(dec.init)(jax.random.key(1), real_prompt[None])
+    alone = np.asarray(jax.jit(dec.apply)(p, np.concatenate([real_prompt, cont])[None]))[0]
     pad = 0
     prompts = np.array([[pad, pad] + list(real_prompt), list(real_prompt) + [pad, pad]],
                        np.int32)
     mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], np.int32)
     cache = init_cache(cfg, 2, max_len=12)
-    lg, cache = dec.apply(p, prompts, attention_mask=mask, cache=cache)
+    lg, cache = jax.jit(lambda c: dec.apply(p, prompts, attention_mask=mask, cache=c))(cache)
     np.testing.assert_allclose(np.asarray(lg)[0, -1], alone[3], atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(lg)[1, 3], alone[3], atol=1e-5, rtol=0)
     nxt = mask.sum(1).astype(np.int32)          # position of the first decoded token
+    step = jax.jit(lambda c, tok, ps: dec.apply(p, tok, positions=ps, cache=c))
     for j, tok in enumerate(cont):
-        lg, cache = dec.apply(p, np.full((2, 1), tok, np.int32), positions=(nxt + j)[:, None],
-                              cache=cache)
+        lg, cache = step(cache, np.full((2, 1), tok, np.int32), (nxt + j)[:, None])
         for r in range(2):
             np.testing.assert_allclose(np.asarray(lg)[r, 0], alone[4 + j], atol=1e-5, rtol=0)
 
 
 def test_causality(cfg, params):
     images, tokens, mask = make_batch(cfg, b=2)
-    model = WamGLM(cfg)
-    base = np.asarray(model.apply({"params": params}, images, tokens, mask))
+    fwd = jit_apply(WamGLM(cfg))
+    base = np.asarray(fwd({"params": params}, images, tokens, mask))
     n = num_image_tokens(cfg)
     for t in (n + 2, tokens.shape[1] - 1):
         changed = tokens.copy()
         changed[:, t] = (changed[:, t] + 1) % cfg.lm.vocab_size
         changed[:, t] = np.where(changed[:, t] == cfg.image_token_id, 5, changed[:, t])
-        out = np.asarray(model.apply({"params": params}, images, changed, mask))
+        out = np.asarray(fwd({"params": params}, images, changed, mask))
         np.testing.assert_array_equal(out[:, :t], base[:, :t])
         assert np.abs(out[:, t:] - base[:, t:]).max() > 1e-4
 
@@ -141,7 +148,7 @@ def test_image_embeddings_land_at_placeholders(cfg, params):
     tokens[1, pos1] = cfg.image_token_id
     model = WamGLM(cfg)
     v = {"params": params}
-    img = np.asarray(model.apply(v, images, method=WamGLM.encode_images))      # [B,N,D]
+    img = np.asarray(jit_apply(model, WamGLM.encode_images)(v, images))      # [B,N,D]
     assert img.shape == (2, n, cfg.lm.hidden_size)
     table = np.asarray(params["lm"]["embed_tokens"]["embedding"])
     expect = table[tokens].copy()                                            # numpy oracle
@@ -151,12 +158,13 @@ def test_image_embeddings_land_at_placeholders(cfg, params):
             if tokens[b, t] == cfg.image_token_id:
                 expect[b, t] = img[b, j]
                 j += 1
-    got = np.asarray(model.apply(v, images, tokens, method=WamGLM.embed_inputs))
+    got = np.asarray(jit_apply(model, WamGLM.embed_inputs)(v, images, tokens))
     np.testing.assert_array_equal(got, expect)
     # The full forward is the decoder run on exactly these embeddings.
-    logits = np.asarray(model.apply(v, images, tokens, mask))
-    ref = np.asarray(Decoder(cfg).apply({"params": params["lm"]}, inputs_embeds=expect,
-                                        attention_mask=mask))
+    logits = np.asarray(jit_apply(model)(v, images, tokens, mask))
+    ref = np.asarray(jax.jit(lambda v, e, m: Decoder(cfg).apply(v, inputs_embeds=e,
+                                                                attention_mask=m))(
+        {"params": params["lm"]}, expect, mask))
     np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=0)
 
 
@@ -178,7 +186,7 @@ def test_wrong_placeholder_count_is_a_clear_error(cfg, params):
 
 def test_scan_equals_unrolled_and_remat(cfg, params):
     images, tokens, mask = make_batch(cfg, b=2)
-    ref = np.asarray(WamGLM(cfg).apply({"params": params}, images, tokens, mask))
+    ref = np.asarray(jit_apply(WamGLM(cfg))({"params": params}, images, tokens, mask))
     stacked = stack_layers(params)
     assert "layers" in stacked["lm"] and "layers" in stacked["vision"]["encoder"]
     assert stacked["lm"]["layers"]["mlp"]["up_proj"]["kernel"].shape[0] == cfg.lm.num_layers
@@ -199,29 +207,30 @@ def test_scan_equals_unrolled_and_remat(cfg, params):
 def test_scan_vit_features_and_gradients(cfg, params):
     images, _, _ = make_batch(cfg, b=2)
     vit_p = params["vision"]
-    feats, pooled = VisionTransformer(cfg).apply({"params": vit_p}, images)
+    feats, pooled = jax.jit(VisionTransformer(cfg).apply)({"params": vit_p}, images)
     scfg = small_cfg(scan_layers=True, remat="full")
-    sfeats, spooled = VisionTransformer(scfg).apply({"params": stack_layers(vit_p)}, images)
+    sfeats, spooled = jax.jit(VisionTransformer(scfg).apply)({"params": stack_layers(vit_p)},
+                                                             images)
     np.testing.assert_allclose(sfeats, feats, atol=1e-5, rtol=0)
     np.testing.assert_allclose(spooled, pooled, atol=1e-5, rtol=0)
     # feature_layer=-2 really differs from the last block.
     lcfg = small_cfg(**{"vit.feature_layer": -1})
-    last, _ = VisionTransformer(lcfg).apply({"params": vit_p}, images)
+    last, _ = jax.jit(VisionTransformer(lcfg).apply)({"params": vit_p}, images)
     assert np.abs(np.asarray(last) - np.asarray(feats)).max() > 1e-3
 
     def loss(p, c):
         f, pl = VisionTransformer(c).apply({"params": p}, images)
         return (f ** 2).mean() + (pl ** 2).mean()
-    g = jax.grad(loss)(vit_p, cfg)
-    sg = unstack_layers(jax.grad(loss)(stack_layers(vit_p), scfg))
+    g = jax.jit(jax.grad(lambda p: loss(p, cfg)))(vit_p)
+    sg = unstack_layers(jax.jit(jax.grad(lambda p: loss(p, scfg)))(stack_layers(vit_p)))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g, sg)
 
 
 def test_bf16_compute_is_close(cfg, params):
     images, tokens, mask = make_batch(cfg, b=2)
-    ref = np.asarray(WamGLM(cfg).apply({"params": params}, images, tokens, mask))
+    ref = np.asarray(jit_apply(WamGLM(cfg))({"params": params}, images, tokens, mask))
     bcfg = small_cfg(dtype="bfloat16")
-    out = WamGLM(bcfg).apply({"params": params}, images, tokens, mask)
+    out = jit_apply(WamGLM(bcfg))({"params": params}, images, tokens, mask)
     assert out.dtype == jnp.float32
     out = np.asarray(out)
     assert np.isfinite(out).all()
