@@ -11,11 +11,13 @@ Tolerances (fp32; sharding only changes the order of reductions):
 - parameters after one AdamW step: max|p - p_ref| <= 1e-3 * lr. Adam's first bias-corrected
   step moves each parameter by lr * g / (|g| + eps) (+ the identical weight decay), i.e. at most
   lr. A gradient difference d moves it by <= lr * d * eps / (|g| + eps)^2 <= lr * d / eps.
-  fp32 reduction-order noise measured here is d <= ~1e-8 (about 1e-7 of max|g|; some gradients
-  are mathematically zero, e.g. the ViT key bias, and come out as +-1e-10 noise), so with
-  eps = 1e-4 the difference is <= 1e-4 lr and 1e-3 lr leaves 10x margin (with the usual
-  eps = 1e-8 the sign of that noise would move such parameters by a full +-lr). Any real
-  sharding error (a missing or doubled reduction changes g by O(1)) moves parameters by O(lr). Because Adam's first step is invariant to a global
+  fp32 reduction-order noise on single elements is d ~ 1e-8 (some gradients are mathematically
+  zero, e.g. the ViT key bias, and come out as +-1e-10 noise), so with eps = 1e-4 the
+  difference is ~1e-4 lr and 1e-3 lr leaves margin (with the usual eps = 1e-8 the sign of that
+  noise would move such parameters by a full +-lr). Any real sharding error (a missing or
+  doubled reduction changes g by O(1)) moves parameters by O(lr).
+Measured here (tiny preset, 1 layer per tower): loss <= 5e-7, logits <= 3.1e-6, gradients
+<= 1.5e-6 x max|g_ref| per leaf, parameters <= 1.7e-4 lr, on all three meshes. Because Adam's first step is invariant to a global
   gradient scale, the gradients are also compared directly (above).
 """
 import math
