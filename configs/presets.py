@@ -34,9 +34,11 @@ PRESETS = {
                    num_layers=8, num_heads=6, feature_layer=-2),
           lm=dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, num_layers=12,
                   num_heads=12, num_kv_heads=4, head_dim=64, max_seq_len=2048)),
-      # 7B-class LM (Llama-2-7B shapes) with a 400M-class ViT (SigLIP-so400m shapes).
+      # 7B-class LM (Llama-2-7B shapes) with a 400M-class ViT (SigLIP-so400m shapes). The image
+      # is 378 = 27 x 14 (so400m's 384 leaves a 6-pixel border its conv ignores): same 729
+      # patches, and N = (S/P)^2 holds exactly.
       "pod7b": dict(
-          vit=dict(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304,
+          vit=dict(image_size=378, patch_size=14, hidden_size=1152, intermediate_size=4304,
                    num_layers=27, num_heads=16, feature_layer=-2),
           lm=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
                   num_heads=32, num_kv_heads=32, head_dim=128, max_seq_len=4096),
