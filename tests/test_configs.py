@@ -132,6 +132,7 @@ def test_main_runs_shapes_stage(tmp_path):
     # a missing stage module is named in the error
     bad = subprocess.run(
         [sys.executable, "-m", "wamglm_jax.main", "--config=configs/presets.py:tiny",
-         f"--workdir={tmp_path}/bad", "--config.stages=('nosuch',)"],
+         f"--workdir={tmp_path}/bad", "--config.stages=shapes,nosuch"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "wamglm_jax.train.nosuch" in bad.stderr
+    assert bad.returncode != 0 and "no module wamglm_jax.train.nosuch" in bad.stderr
+    assert not (tmp_path / "bad" / "shapes.json").exists()     # checked before any stage ran

@@ -67,7 +67,11 @@ def _call_stage(run, config, workdir, mesh):
 def run_stages(config, workdir: str) -> None:
     """Everything main does after flag parsing and multi-host init (also usable from Python)."""
     config = common.with_defaults(config)
-    stages = tuple(config.stages)
+    stages = config.stages
+    if isinstance(stages, str):
+        stages = (stages,)
+    # --config.stages=stage1,stage2 arrives as ('stage1,stage2',): split on commas
+    stages = tuple(p.strip() for s in stages for p in str(s).split(",") if p.strip())
     if not stages:
         raise ValueError("config.stages is empty: nothing to run")
     runs = [load_stage(s) for s in stages]          # fail before any work if one is missing
