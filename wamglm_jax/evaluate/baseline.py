@@ -1,0 +1,114 @@
+"""Template baseline: the stage-1 classifier + the knowledge base answering the same questions.
+
+For each answer-key turn, the predicted class of the map (stage-1 argmax) replaces the true
+class: the answer value is computed exactly as the dialogue builder computes it
+(`qa.dialogues.answer_value`) but from the *predicted* defect set, rendered with the same
+template sentence, parsed and scored like the model's answers (`evaluate.qa.score`).
+
+Kinds a classifier cannot answer (failing-die counts, yield, area, location, zone extent,
+lot comparison: facts of the map itself, not of its class) are reported as not applicable,
+so the comparison is on the kinds that depend on the defect type: defect_type, type_location
+(presence), cause, adjustment, why_type, severity, why_severity.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+
+from wamglm_jax.data.labels import WM811K_CLASSES, defect_set
+from wamglm_jax.evaluate.qa import score
+from wamglm_jax.qa import facts as F
+from wamglm_jax.qa.answers import parse_answer, render_answer
+from wamglm_jax.qa.dialogues import answer_value
+from wamglm_jax.qa.knowledge_base import KnowledgeBase, load_knowledge_base
+
+CLASS_KINDS = ("defect_type", "type_location", "cause", "adjustment", "why_type", "severity",
+               "why_severity")
+
+
+def baseline_records(items: Sequence[dict], maps, predicted: dict[int, int], label_space: str,
+                     kb: KnowledgeBase | None = None) -> list[dict]:
+    """predicted: {image_index: predicted class id}. One record per answerable turn."""
+    kb = kb or load_knowledge_base()
+    records = []
+    for it in items:
+        i = int(it["image_index"])
+        m = maps[i]
+        facts = F.compute_facts(m)
+        types = sorted(defect_set(label_space, int(predicted[i])), key=WM811K_CLASSES.index)
+        for step, key in zip(it["plan"], it["answer_key"]):
+            kind = key["kind"]
+            if kind not in CLASS_KINDS:
+                continue
+            value = answer_value(kind, step, m, types, facts, it.get("batch", {"lot": None}), kb)
+            text = render_answer(kind, value, kb)
+            parsed = parse_answer(kind, text, kb)
+            records.append(dict(id=it["id"], turn=key["turn"], kind=kind, answer=text,
+                                correct=bool(score(kind, parsed, key["value"])),
+                                heldout=bool(it.get("heldout", False))))
+    return records
+
+
+def summarize_baseline(records: Sequence[dict], predicted: dict[int, int], labels) -> dict:
+    by = defaultdict(list)
+    for r in records:
+        by[r["kind"]].append(r["correct"])
+    idx = sorted(predicted)
+    cls_acc = float(np.mean([predicted[i] == int(labels[i]) for i in idx])) if idx else None
+    return {"by_kind": {k: {"accuracy": float(np.mean(v)), "n": len(v)}
+                        for k, v in sorted(by.items())},
+            "not_applicable": "count, zone_extent, yield, area, location, batch (map facts, "
+                              "not answerable from a class label)",
+            "classifier_accuracy": cls_acc, "n_maps": len(idx)}
+
+
+def run_baseline(config, workdir, mesh, rules, dataset, items: Sequence[dict],
+                 kb: KnowledgeBase | None = None) -> dict:
+    """Stage-1 predictions (best-on-val params) for the maps of `items`, then the template
+    answers; returns summarize_baseline(...) plus the checkpoint used."""
+    from wamglm_jax.train import stage1
+
+    idx = sorted({int(it["image_index"]) for it in items})
+    if not idx:
+        raise ValueError("run_baseline: no items")
+    model, variables, source = load_stage1_classifier(config, workdir, mesh,
+                                                      dataset.num_classes)
+    sub = dataset.subset(idx)
+    pred = stage1.predict(model, variables, sub, image_size=int(config.model.vit.image_size),
+                          batch_size=64, mesh=mesh, rules=rules)
+    predicted = {idx[int(j)]: int(p) for j, p in zip(pred["index"], pred["probs"].argmax(-1))}
+    records = baseline_records(items, dataset.maps, predicted, dataset.label_space, kb)
+    out = summarize_baseline(records, predicted, dataset.labels)
+    out["checkpoint"] = source
+    return out
+
+
+def load_stage1_classifier(config, workdir, mesh, num_classes: int):
+    """(Stage1Model, {'params','batch_stats'}, source) restored (replicated) from the stage-1
+    `state` item (best-on-val if present, else latest) by an orbax partial restore of just
+    params + batch_stats. Works inside an active mesh context."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from wamglm_jax.parallel import sharding as shd
+    from wamglm_jax.train import stage1
+    from wamglm_jax.train.stage2 import find_stage1_checkpoint
+
+    model = stage1.build_model(config, num_classes)
+    s = int(config.model.vit.image_size)
+    boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, s, s, 3)), train=False),
+                           jax.random.PRNGKey(0))
+    rep = shd.replicated(mesh)
+    plain = jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, boxed,
+                         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), plain)
+    target = {"params": target["params"], "batch_stats": target.get("batch_stats", {})}
+    path = find_stage1_checkpoint(workdir)
+    out = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+    return model, out, path

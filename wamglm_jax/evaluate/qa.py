@@ -1,0 +1,218 @@
+"""QA evaluation of generated answers against the dialogue answer keys.
+
+Teacher-forced history: every assistant turn is generated with the *reference* earlier turns
+as context (so one wrong answer does not spoil the rest), parsed with `qa.answers.parse_answer`
+and compared with the answer key by `score`:
+
+  defect_type                   exact label set
+  location                      same concentration zones and same side
+  type_location                 same presence; when present, same zones and side
+  count / zone_extent           failing-die count within +-10% relative (+-1 die when it is
+                                below 10; zone_extent also the same zone)
+  yield / area                  within +-3 percentage points
+  cause / adjustment / why_type / why_severity
+                                KB agreement: the set of KB entries whose text is given equals
+                                the expected entries
+  severity                      same severity level
+  batch                         same lot (or both "cannot tell") and same counts
+
+`summarize(records)` gives accuracy per kind, whole-dialogue accuracy (all turns right), and
+the same split by `heldout` (held-out phrasings/orders vs training ones).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from wamglm_jax.qa.answers import parse_answer
+from wamglm_jax.qa.encode import encode_prompt
+
+COUNT_REL_TOL = 0.10
+PCT_TOL = 3.0
+KB_KINDS = ("why_type", "cause", "adjustment", "why_severity")
+
+
+def _count_ok(pred, want) -> bool:
+    if pred is None or want is None:
+        return False
+    return abs(pred - want) <= max(COUNT_REL_TOL * abs(want), 1.0 if want < 10 else 0.0)
+
+
+def score(kind: str, pred: Any, want: Any) -> bool:
+    """True when the parsed answer `pred` agrees with the answer-key value `want`."""
+    if kind == "defect_type":
+        return sorted(pred) == sorted(want)
+    if kind in KB_KINDS:
+        return sorted(pred["kb_keys"]) == sorted(want["kb_keys"])
+    if kind == "location":
+        return sorted(pred["zones"] or []) == sorted(want["zones"] or []) and \
+            pred["side"] == want["side"]
+    if kind == "type_location":
+        if bool(pred["present"]) != bool(want["present"]) or pred["pattern"] != want["pattern"]:
+            return False
+        if not want["present"]:
+            return True
+        return sorted(pred["zones"] or []) == sorted(want["zones"] or []) and \
+            pred["side"] == want["side"]
+    if kind == "count":
+        return _count_ok(pred["failing"], want["failing"])
+    if kind == "zone_extent":
+        return pred["zone"] == want["zone"] and _count_ok(pred["failing"], want["failing"])
+    if kind in ("yield", "area"):
+        k = f"{kind}_pct"
+        return pred[k] is not None and abs(pred[k] - want[k]) <= PCT_TOL
+    if kind == "severity":
+        return pred["severity"] == want["severity"]
+    if kind == "batch":
+        if want.get("lot") is None:
+            return pred.get("lot") is None
+        return all(pred.get(k) == want.get(k) for k in ("lot", "n_wafers", "n_sharing"))
+    raise ValueError(f"score: unknown question kind {kind!r}")
+
+
+def turn_prompts(item: dict) -> list[tuple[int, str, Any, list[dict]]]:
+    """[(turn index, kind, expected value, messages before that turn)] for one item."""
+    out = []
+    for key in item["answer_key"]:
+        t = key["turn"]
+        out.append((t, key["kind"], key["value"], item["messages"][:t]))
+    return out
+
+
+def generate_answers(generator, tok, items: Sequence[dict], images: Callable[[int], np.ndarray],
+                     *, num_image_tokens: int, gen, batch_size: int,
+                     progress: Callable[[str], None] | None = None) -> list[dict]:
+    """One record per assistant turn: {id, turn, kind, expected, answer, parsed, correct,
+    heldout, image_index}. images(image_index) -> float[S,S,3]. Batches hold prompts of
+    similar length (sorted) and always `batch_size` rows (padded by repetition) so the
+    jitted generator sees a few static shapes only."""
+    jobs = []
+    for it in items:
+        for t, kind, want, msgs in turn_prompts(it):
+            ids = encode_prompt(tok, msgs, num_image_tokens=num_image_tokens)
+            jobs.append(dict(item=it, turn=t, kind=kind, expected=want, ids=ids.tolist()))
+    order = sorted(range(len(jobs)), key=lambda j: len(jobs[j]["ids"]))
+    answers: dict[int, list[int]] = {}
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        rows = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        imgs = np.stack([images(jobs[j]["item"]["image_index"]) for j in rows])
+        outs = generator.generate(imgs, [jobs[j]["ids"] for j in rows], gen)
+        for j, o in zip(chunk, outs):
+            answers[j] = o
+        if progress is not None:
+            progress(f"qa eval: {min(s + batch_size, len(order))}/{len(order)} answers")
+    records = []
+    for j, job in enumerate(jobs):
+        text = tok.decode(answers[j], skip_special_tokens=True).strip()
+        try:
+            parsed = parse_answer(job["kind"], text)
+            ok = score(job["kind"], parsed, job["expected"])
+        except (TypeError, KeyError, AttributeError):
+            parsed, ok = None, False
+        it = job["item"]
+        records.append(dict(id=it["id"], turn=job["turn"], kind=job["kind"],
+                            expected=job["expected"], answer=text, parsed=parsed,
+                            correct=bool(ok), heldout=bool(it.get("heldout", False)),
+                            image_index=int(it["image_index"])))
+    return records
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """{'by_kind': {kind: {accuracy, n}}, 'dialogue_accuracy', 'turn_accuracy', 'n_dialogues',
+    'heldout': {...same for held-out items}, 'seen': {...training phrasings}}."""
+    def part(recs):
+        by = defaultdict(list)
+        dlg = defaultdict(list)
+        for r in recs:
+            by[r["kind"]].append(r["correct"])
+            dlg[r["id"]].append(r["correct"])
+        return {"by_kind": {k: {"accuracy": float(np.mean(v)), "n": len(v)}
+                            for k, v in sorted(by.items())},
+                "turn_accuracy": float(np.mean([r["correct"] for r in recs])) if recs else None,
+                "dialogue_accuracy": float(np.mean([all(v) for v in dlg.values()])) if dlg
+                else None,
+                "n_dialogues": len(dlg), "n_turns": len(recs)}
+
+    out = part(records)
+    out["heldout"] = part([r for r in records if r["heldout"]])
+    out["seen"] = part([r for r in records if not r["heldout"]])
+    return out
+
+
+def example_dialogues(records: Sequence[dict], items: Sequence[dict], n: int = 3) -> list[dict]:
+    """The first n items with each reference turn and the generated answer beside it."""
+    by_id = defaultdict(dict)
+    for r in records:
+        by_id[r["id"]][r["turn"]] = r
+    out = []
+    for it in items[:n]:
+        turns = []
+        for t, m in enumerate(it["messages"]):
+            if m["role"] == "user":
+                turns.append({"user": m["content"].replace("<image>\n", "")})
+            else:
+                r = by_id[it["id"]].get(t)
+                turns.append({"reference": m["content"],
+                              "model": None if r is None else r["answer"],
+                              "kind": None if r is None else r["kind"],
+                              "correct": None if r is None else r["correct"]})
+        out.append({"id": it["id"], "class": it.get("class_name"), "heldout": it.get("heldout"),
+                    "turns": turns})
+    return out
+
+
+def evaluate_model(model_cfg, params, tok, items: Sequence[dict], maps, *, max_new_tokens: int,
+                   batch_size: int, progress: Callable[[str], None] | None = None):
+    """Greedy answers of the model (plain params) for every answer-key turn of `items`
+    (maps[image_index] are their maps). Returns (summary, records)."""
+    from wamglm_jax.data.preprocess import area_resize_onehot
+    from wamglm_jax.inference.generate import GenerationConfig, Generator
+    from wamglm_jax.models.wamglm import num_image_tokens
+
+    gen = Generator(model_cfg, params)
+    cfg = GenerationConfig(max_new_tokens=int(max_new_tokens), stop_tokens=(tok.eos_token_id,),
+                           pad_id=int(tok.pad_token_id or 0))
+    cache: dict[int, np.ndarray] = {}
+    s = int(model_cfg.vit.image_size)
+
+    def image(i):
+        if i not in cache:
+            cache[i] = area_resize_onehot(maps[i], s)
+        return cache[i]
+
+    records = generate_answers(gen, tok, items, image, num_image_tokens=num_image_tokens(model_cfg),
+                               gen=cfg, batch_size=batch_size, progress=progress)
+    return summarize(records), records
+
+
+def plot_qa(summary: dict, baseline: dict | None, history: Sequence[dict], path: str) -> str:
+    """Two panels: train loss per logged step, and accuracy per question kind (model vs
+    baseline where the baseline applies). Returns the path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+    if history:
+        a1.plot([h["step"] for h in history], [h.get("loss") for h in history], marker=".")
+    a1.set_xlabel("step")
+    a1.set_ylabel("train loss (assistant tokens)")
+    a1.set_title("stage 2 training")
+    kinds = list(summary["by_kind"])
+    x = np.arange(len(kinds))
+    a2.bar(x - 0.2, [summary["by_kind"][k]["accuracy"] for k in kinds], 0.4, label="WamGLM")
+    if baseline:
+        a2.bar(x + 0.2, [baseline["by_kind"].get(k, {}).get("accuracy", np.nan) for k in kinds],
+               0.4, label="stage-1 + KB templates")
+    a2.set_xticks(x, kinds, rotation=45, ha="right")
+    a2.set_ylim(0, 1.05)
+    a2.set_ylabel("accuracy")
+    a2.set_title("QA accuracy by question kind")
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
