@@ -228,3 +228,16 @@ def test_batch_helpers():
     assert sharding.pad_vocab(32000, 128 * 8) == 32768
     assert sharding.pad_vocab(512, 128) == 512 and sharding.pad_vocab(513, 128) == 640
     assert math.prod(mesh.shape.values()) == 8
+
+
+def test_rules_from_config():
+    import ml_collections
+    cfg = ml_collections.ConfigDict(dict(sharding_rules=SHARDING_RULES))
+    assert sharding.rules_from_config(cfg) == SHARDING_RULES
+    # rules reloaded from config.json come back as lists
+    as_lists = [[k, list(v) if isinstance(v, tuple) else v] for k, v in SHARDING_RULES]
+    assert sharding.rules_from_config(as_lists) == SHARDING_RULES
+    with pytest.raises(sharding.ShardingError, match=r"sharding_rules\[1\]"):
+        sharding.rules_from_config([("batch", "data"), ("embed",)])
+    with pytest.raises(sharding.ShardingError, match=r"mesh axis must be a str"):
+        sharding.rules_from_config([("embed", 3)])
