@@ -7,18 +7,18 @@ Geometry (wafer units: the wafer radius is 1; a grid H x W covers the wafer, so 
 2/W wide and 2/H tall and a round wafer is an ellipse in index space when H != W):
   * on-wafer dies: centre within the usable radius rho (edge exclusion, 0.96..1.03), optional
     flat / notch cut; the grid is cropped to the dies on the wafer.
-  * Center: disc at the centre, radius 0.15..0.42. Donut: annulus, inner 0.22..0.45, width
-    0.14..0.30, arc 270..360 deg. Loc: ellipse 0.13..0.30 at radius 0.2..0.85-size (clear of
+  * Center: disc at the centre, radius 0.15..0.38. Donut: annulus, inner 0.26..0.45, width
+    0.12..0.25, arc 270..360 deg. Loc: ellipse 0.13..0.30 at radius 0.2..0.85-size (clear of
     the edge and of the centre). Edge-Loc: crescent at the edge, 0.15..0.38 deep (>= 2.5 dies)
     over 50..120 deg. Edge-Ring: band of 0.9..1.8 dies (at least 0.03) over 300..360 deg. Scratch: 1-4 joined thin
-    segments (0.25..0.6 long each, about one die thick) or an arc. Random: 25..60 % of dies
+    segments (0.25..0.9 long each, >= 0.6 in all, 1-2 dies thick, density >= 0.85) or an arc. Random: 25..60 % of dies
     fail anywhere. Near-full: 78..99 % fail.
   * Every pattern fails its dies with a density (0.6..1) and soft borders, on top of
     background random failures (median ~5 %, <= 18 %) that rise slightly near the edge.
   * Lots: wafers come in lots (8..25 wafers, indices from 1..25) of one product (one die grid,
     one die count) and mostly one cause (same class, similar angle / position).
 Shapes follow WM-811K: the common grids (25x27, 27x25, 26x26, 38x36, 33x37, 53x52, 32x29,
-49x39, ...) and a log-uniform tail from tiny (8 dies across) to ~300x205. For the mixedwm38
+49x39, ...) and a log-uniform tail from small (12 dies across, plus one 8x7 grid) to ~300x205. For the mixedwm38
 label space the grid is 52x52 by default, like the MixedWM38 file.
 """
 from __future__ import annotations
@@ -44,11 +44,11 @@ _TYPES = L.MIXED_TYPES      # pattern type names
 def _tail_shapes() -> list[tuple[int, int]]:
     """A fixed catalogue of 200 less common grids (log-uniform size, mild aspect ratio)."""
     r = np.random.default_rng(811)
-    side = np.exp(r.uniform(np.log(8), np.log(250), 200))
+    side = np.exp(r.uniform(np.log(12), np.log(250), 200))
     aspect = np.exp(np.clip(r.normal(0, 0.15, 200), -0.4, 0.4))
     h = np.clip(np.round(side * np.sqrt(aspect)), 6, 300).astype(int)
     w = np.clip(np.round(side / np.sqrt(aspect)), 4, 205).astype(int)
-    out = [(int(a), int(b)) for a, b in zip(h, w)] + [(300, 202), (212, 204), (6, 5)]
+    out = [(int(a), int(b)) for a, b in zip(h, w)] + [(300, 202), (212, 204), (8, 7)]
     return out
 
 
@@ -121,24 +121,25 @@ def _pattern(kind: str, b: _Batch, m: int, rng, rho, ang):
     u, v, r, t = b.u, b.v, b.r, b.t
     if kind == "Center":
         cx, cy = c(rng.normal(0, 0.05, m)), c(rng.normal(0, 0.05, m))
-        rad = c(rng.uniform(0.15, 0.42, m))
+        rad = c(rng.uniform(0.15, 0.38, m))
         d = np.sqrt((u - cx) ** 2 + (v - cy) ** 2)
         return np.clip(dens + 0.15, 0, 1) * _sig((rad - d) / soft)
     if kind == "Donut":
         cx, cy = c(rng.normal(0, 0.04, m)), c(rng.normal(0, 0.04, m))
-        rin = c(rng.uniform(0.22, 0.45, m))
-        wid = c(rng.uniform(0.14, 0.30, m))
+        rin = c(rng.uniform(0.26, 0.45, m))
+        wid = c(np.maximum(rng.uniform(0.12, 0.25, m), 2.5 * float(b.pitch)))
+        dens = np.maximum(dens, 0.75)
         half = c(np.where(rng.random(m) < 0.6, np.pi, rng.uniform(0.75, 1.0, m) * np.pi))
         d = np.sqrt((u - cx) ** 2 + (v - cy) ** 2)
         arc = _angdiff(t, c(ang)) <= half
         return dens * _sig((d - rin) / soft) * _sig((rin + wid - d) / soft) * arc
     if kind == "Loc":
-        a = rng.uniform(0.13, 0.30, m)
+        a = np.maximum(rng.uniform(0.13, 0.30, m), 2.2 * float(b.pitch))
         rc = rng.uniform(0.2, np.maximum(0.21, 0.85 - a), m)
         th = ang + rng.normal(0, 0.5, m)
         cx, cy = c(rc * np.cos(th)), c(rc * np.sin(th))
-        bb = c(a * rng.uniform(0.55, 1.0, m))
-        dens = np.maximum(dens, 0.75)
+        bb = c(a * rng.uniform(0.7, 1.0, m))
+        dens = np.maximum(dens, 0.8)
         a = c(a)
         phi = c(rng.uniform(0, np.pi, m))
         du, dv = u - cx, v - cy
@@ -161,13 +162,15 @@ def _pattern(kind: str, b: _Batch, m: int, rng, rho, ang):
     if kind == "Scratch":
         k = rng.integers(1, 5, m)                                   # segments
         arc = rng.random(m) < 0.35
+        k = np.where(arc, 4, k)
         turn = np.where(arc, rng.uniform(0.15, 0.45, m) * rng.choice([-1, 1], m),
                         0.0)
-        seglen = rng.uniform(0.25, 0.6, m) * np.where(arc, 0.7, 1.0)
+        # total length >= 0.6 wafer radii: a scratch never shrinks to a blob
+        seglen = np.maximum(rng.uniform(0.25, 0.5, m), rng.uniform(0.6, 0.9, m) / k)
         p0r, p0t = np.sqrt(rng.uniform(0, 0.5, m)), rng.uniform(-np.pi, np.pi, m)
         px, py = p0r * np.cos(p0t), p0r * np.sin(p0t)
         th = ang + rng.normal(0, 0.6, m)
-        half_t = c(rng.uniform(0.55, 1.0, m) * b.pitch)
+        half_t = c(np.maximum(rng.uniform(0.55, 1.0, m) * b.pitch, 0.02))
         dmin = np.full((m, b.H, b.W), np.inf, np.float32)
         for s in range(4):
             jt = np.where(arc, turn, rng.uniform(-1.0, 1.0, m))
@@ -179,7 +182,7 @@ def _pattern(kind: str, b: _Batch, m: int, rng, rho, ang):
             d = np.where(c(s < k), d, np.inf)
             np.minimum(dmin, d, out=dmin)
             px, py = qx, qy
-        return np.clip(dens + 0.1, 0, 1) * (dmin <= half_t)
+        return np.maximum(dens, 0.85) * (dmin <= half_t)
     if kind == "Random":
         return c(rng.uniform(0.25, 0.6, m)) * np.ones_like(r)
     if kind == "Near-full":
