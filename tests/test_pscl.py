@@ -56,10 +56,12 @@ def make_case(seed, b=6, c=5, d=8, present=None, pad=0):
     return z2, z3, labels.astype(np.int32), protos, valid
 
 
+_jit_loss = jax.jit(balanced_contrastive_loss, static_argnums=(5,))
+
+
 def jax_loss(z2, z3, labels, protos, valid, t, dtype=jnp.float32):
-    return balanced_contrastive_loss(jnp.asarray(z2, dtype), jnp.asarray(z3, dtype),
-                                     jnp.asarray(labels), jnp.asarray(protos, dtype),
-                                     jnp.asarray(valid), t)
+    return _jit_loss(jnp.asarray(z2, dtype), jnp.asarray(z3, dtype), jnp.asarray(labels),
+                     jnp.asarray(protos, dtype), jnp.asarray(valid), t)
 
 
 CASES = {
@@ -78,7 +80,7 @@ def test_matches_brute_force(name, t):
         labels[3] = 2
         assert (labels == 2).sum() == 1
     want = brute_balscl(z2, z3, labels, protos, valid, t)
-    got = jax.jit(jax_loss, static_argnums=5)(z2, z3, labels, protos, valid, t)
+    got = jax_loss(z2, z3, labels, protos, valid, t)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
@@ -110,9 +112,9 @@ def test_bf16_inputs_finite_and_close():
     np.testing.assert_allclose(float(got), want_rounded, rtol=1e-5)
     np.testing.assert_allclose(float(got), brute_balscl(z2, z3, labels, protos, valid, 0.08),
                                rtol=3e-2)
-    grads = jax.grad(lambda a, b, p: jax_loss(a, b, labels, p, valid, 0.08, jnp.bfloat16),
-                     argnums=(0, 1, 2))(z2.astype(np.float32), z3.astype(np.float32),
-                                        protos.astype(np.float32))
+    grads = jax.jit(jax.grad(lambda a, b, p: jax_loss(a, b, labels, p, valid, 0.08,
+                                                      jnp.bfloat16), argnums=(0, 1, 2)))(
+        z2.astype(np.float32), z3.astype(np.float32), protos.astype(np.float32))
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
@@ -142,11 +144,11 @@ def test_no_nan_gradients_with_extreme_inputs():
     valid = np.array([True, False, False, False])
     labels = np.array([1, -7, 50, 2], np.int32)
     f = lambda a, b_, p: jax_loss(a, b_, labels, p, valid, 1e-3)
-    loss, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(z, z, protos)
+    loss, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(z, z, protos)
     assert np.isfinite(float(loss))
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
     # No valid rows at all: loss 0, gradients 0.
-    none = jax.grad(lambda a: jax_loss(a, z, labels, protos, np.zeros(b, bool), 0.08))(z)
+    none = jax.jit(jax.grad(lambda a: jax_loss(a, z, labels, protos, np.zeros(b, bool), 0.08)))(z)
     assert float(jax_loss(z, z, labels, protos, np.zeros(b, bool), 0.08)) == 0.0
     assert np.all(np.asarray(none) == 0)
 
@@ -200,13 +202,14 @@ def test_pscl_weight_zero_is_plain_cross_entropy():
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
     want = -logp[np.arange(b), labels].mean()
-    loss_none, aux = stage1_loss(v1, None, None, labels, pscl_weight=0.0)
+    loss_none, aux = jax.jit(lambda o, y: stage1_loss(o, None, None, y, pscl_weight=0.0))(
+        v1, labels)
     np.testing.assert_allclose(float(loss_none), want, rtol=1e-6)
     assert float(aux["scl"]) == 0.0
     # With all views given, weight 0 still reports scl but neither the loss nor its gradient
     # depend on views 2/3.
     f = lambda o2: stage1_loss(v1, o2, v3, labels, pscl_weight=0.0)
-    (loss, aux), g = jax.value_and_grad(f, has_aux=True)(v2)
+    (loss, aux), g = jax.jit(jax.value_and_grad(f, has_aux=True))(v2)
     np.testing.assert_allclose(float(loss), want, rtol=1e-6)
     assert float(aux["scl"]) > 0
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(g))

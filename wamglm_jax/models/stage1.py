@@ -16,6 +16,8 @@ Variables: {'params': {'vision': <same tree as WamGLM's 'vision'>, 'head': {...}
     init:  Stage1Model(cfg, C).init(rng, images, train=False)
     train: model.apply(vars, images, train=True, mutable=['batch_stats'])
     eval:  model.apply(vars, images, train=False)
+BatchNorm: flax momentum 0.9 (= PyTorch momentum 0.1), eps 1e-5; flax keeps the biased batch
+variance in its running average (PyTorch the unbiased one): a tiny difference at eval time.
 Params are boxed with logical axes (`embed`, `classes`, `mlp`, `norm`) like the other towers.
 `apply_views` runs several augmented views in one forward pass (what the trainer calls).
 """
