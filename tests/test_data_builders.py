@@ -116,3 +116,12 @@ def test_make_dataset_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         make_dataset.main(["--source=wm811k", f"--input={pkl}", f"--output={tmp_path / 'o4'}"])
     assert "trust_pickle=True" in capsys.readouterr().err
+
+
+def test_benchmark_tool_smoke(tmp_path, capsys):
+    from tools import benchmark_data
+    rows = benchmark_data.main(["--num=45", "--batches=2", "--batch_size=4", "--tfds_num=20",
+                                "--image_size=8", f"--json={tmp_path / 'b.json'}"])
+    saved = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert saved == rows and rows[0]["n"] == 45 and all(r["rate"] > 0 for r in rows)
+    assert "maps/s" in capsys.readouterr().out

@@ -149,3 +149,23 @@ def test_load_splits_synthetic_distinct_and_deterministic():
     tr = {m.tobytes() + bytes(m.shape) for m in s1["train"].maps}
     assert not tr & {m.tobytes() + bytes(m.shape) for m in s1["val"].maps}
     assert not {d["lot"] for d in s1["train"].meta} & {d["lot"] for d in s1["test"].meta}
+
+
+def test_load_splits_from_file(tmp_path):
+    maps = generate(12, seed=0).maps
+    flat = np.concatenate([m.reshape(-1) for m in maps])
+    np.savez(tmp_path / "r.npz", maps_flat=flat,
+             offsets=np.cumsum([0] + [m.size for m in maps[:-1]]),
+             shapes=np.array([m.shape for m in maps]), labels=np.array(["Loc"] * 12),
+             split=np.array(["train"] * 8 + ["val"] * 4))
+    cfg = default_data_config()
+    cfg.source = str(tmp_path / "r.npz")
+    s = load_splits(cfg)
+    assert len(s["train"]) == 8 and len(s["val"]) == 4 and s["test"] is None
+    assert np.array_equal(s["val"].maps[0], maps[8])
+    cfg.eval_split = "dev"
+    with pytest.raises(ValueError, match="no split \\['dev'\\]; available: \\['train', 'val'\\]"):
+        load_splits(cfg)
+    cfg.eval_split, cfg.label_space = "val", "mixedwm38"
+    with pytest.raises(ValueError, match="label space 'wm811k'"):
+        load_splits(cfg)
