@@ -46,7 +46,7 @@ def baseline_records(items: Sequence[dict], maps, predicted: dict[int, int], lab
             text = render_answer(kind, value, kb)
             parsed = parse_answer(kind, text, kb)
             records.append(dict(id=it["id"], turn=key["turn"], kind=kind, answer=text,
-                                correct=bool(score(kind, parsed, key["value"])),
+                                correct=bool(score(kind, parsed, key["value"], text)),
                                 heldout=bool(it.get("heldout", False))))
     return records
 

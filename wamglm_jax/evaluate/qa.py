@@ -21,6 +21,7 @@ the same split by `heldout` (held-out phrasings/orders vs training ones).
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
@@ -40,13 +41,25 @@ def _count_ok(pred, want) -> bool:
     return abs(pred - want) <= max(COUNT_REL_TOL * abs(want), 1.0 if want < 10 else 0.0)
 
 
-def score(kind: str, pred: Any, want: Any) -> bool:
-    """True when the parsed answer `pred` agrees with the answer-key value `want`."""
+def _says(text: str | None, pattern: str) -> bool:
+    return text is None or re.search(pattern, text, re.IGNORECASE) is not None
+
+
+def score(kind: str, pred: Any, want: Any, text: str | None = None) -> bool:
+    """True when the parsed answer `pred` agrees with the answer-key value `want`.
+
+    With `text` (the raw answer), "empty" expected values must be stated explicitly, so an
+    answer the parser finds nothing in does not pass as "no pattern" / "no failing die" /
+    "cannot tell"."""
     if kind == "defect_type":
+        if not want and not _says(text, r"\bnone\b|no defect|normal"):
+            return False
         return sorted(pred) == sorted(want)
     if kind in KB_KINDS:
         return sorted(pred["kb_keys"]) == sorted(want["kb_keys"])
     if kind == "location":
+        if not want["zones"] and not _says(text, r"no failing"):
+            return False
         return sorted(pred["zones"] or []) == sorted(want["zones"] or []) and \
             pred["side"] == want["side"]
     if kind == "type_location":
@@ -67,7 +80,7 @@ def score(kind: str, pred: Any, want: Any) -> bool:
         return pred["severity"] == want["severity"]
     if kind == "batch":
         if want.get("lot") is None:
-            return pred.get("lot") is None
+            return pred.get("lot") is None and _says(text, r"cannot tell")
         return all(pred.get(k) == want.get(k) for k in ("lot", "n_wafers", "n_sharing"))
     raise ValueError(f"score: unknown question kind {kind!r}")
 
@@ -109,7 +122,7 @@ def generate_answers(generator, tok, items: Sequence[dict], images: Callable[[in
         text = tok.decode(answers[j], skip_special_tokens=True).strip()
         try:
             parsed = parse_answer(job["kind"], text)
-            ok = score(job["kind"], parsed, job["expected"])
+            ok = score(job["kind"], parsed, job["expected"], text)
         except (TypeError, KeyError, AttributeError):
             parsed, ok = None, False
         it = job["item"]

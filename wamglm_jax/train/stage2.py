@@ -553,3 +553,35 @@ def report_markdown(r: dict) -> str:
                 lines.append(f"  - reference: {t['reference']}")
                 lines.append(f"  - model{mark}: {t['model']}")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------- inference
+def load_for_inference(workdir, step: int | None = None):
+    """(model_cfg, plain params on one device, tokenizer) from workdir/stage2: the model config
+    and tokenizer the run wrote, and params/ of the latest (or given) checkpoint's `state`
+    (orbax partial restore of just the params, shapes from the checkpoint metadata), with
+    LoRA adapters merged."""
+    stage_dir = epath.Path(workdir).absolute() / STAGE
+    mc = stage_dir / "model_config.json"
+    if not mc.exists():
+        raise FileNotFoundError(f"{mc}: not found; is {workdir} a stage-2 run directory?")
+    meta = json.loads(mc.read_text())
+    model_cfg = ml_collections.ConfigDict(meta["model"])
+    tok = load_tokenizer(meta["tokenizer"])
+    ckdir = stage_dir / "checkpoints"
+    steps = sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit()) \
+        if ckdir.exists() else []
+    if not steps:
+        raise FileNotFoundError(f"{ckdir}: no stage-2 checkpoint; train stage 2 first")
+    step = steps[-1] if step is None else int(step)
+    path = os.fspath(ckdir / str(step) / "state")
+    ckptr = ocp.PyTreeCheckpointer()
+    pmeta = ckptr.metadata(path).item_metadata["params"]
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"params": jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), dict(pmeta))}
+    params = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))["params"]
+    params = merged_params(params, float(meta.get("lora_alpha", 16.0)))
+    return model_cfg, params, tok
