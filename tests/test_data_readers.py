@@ -163,3 +163,20 @@ def test_bad_files(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(DatasetFormatError, match="unknown file type"):
         load_dataset(tmp_path / "x.txt")
+
+
+def test_ragged_with_ids_label_space_and_meta(tmp_path):
+    maps = [rand_map(5, 4, 1), rand_map(6, 6, 2)]
+    p = tmp_path / "q.npz"
+    np.savez(p, maps_flat=np.concatenate([m.reshape(-1) for m in maps]),
+             offsets=np.array([0, 20]), shapes=np.array([[5, 4], [6, 6]]),
+             labels=np.array([9, 37], np.int32), label_space=np.array("mixedwm38"),
+             lot=np.array(["lotA", ""]), wafer_index=np.array([3, -1], np.int32))
+    ds = load_dataset(p)
+    assert ds.label_space == "mixedwm38" and ds.labels.tolist() == [9, 37]
+    assert ds.meta[0]["lot"] == "lotA" and ds.meta[0]["wafer_index"] == 3
+    assert ds.meta[1]["lot"] is None and ds.meta[1]["wafer_index"] is None
+    np.savez(p, maps_flat=np.concatenate([m.reshape(-1) for m in maps]),
+             offsets=np.array([0, 20]), shapes=np.array([[5, 4], [6, 6]]),
+             labels=np.array(["Center+Edge-Loc", "Normal"]), label_space=np.array("mixedwm38"))
+    assert load_dataset(p).labels.tolist() == [9, 0]

@@ -95,9 +95,23 @@ def _split(d, n, path):
 
 
 def _meta(d, n):
-    cols = {k: d[k] for k in ("lot", "wafer_index", "die_size") if k in d and len(d[k]) == n}
-    return [{k: (cols[k][i].item() if k in cols else None)
-             for k in ("lot", "wafer_index", "die_size")} for i in range(n)]
+    """Optional per-map columns lot / wafer_index / die_size ('' or negative = unknown)."""
+    cols = {k: np.asarray(d[k]) for k in ("lot", "wafer_index", "die_size")
+            if k in d and np.asarray(d[k]).shape == (n,)}
+
+    def val(k, i):
+        if k not in cols:
+            return None
+        v = cols[k][i].item()
+        return None if v == "" or (not isinstance(v, str) and v < 0) else v
+    return [{k: val(k, i) for k in ("lot", "wafer_index", "die_size")} for i in range(n)]
+
+
+def _space(d, default):
+    """Label space stored in the file (key 'label_space'), else the caller's / default."""
+    if "label_space" in d:
+        return str(np.asarray(d["label_space"]))
+    return default
 
 
 def read_ragged(d: dict, path: str, label_space: str | None = None) -> WaferDataset:
@@ -115,7 +129,7 @@ def read_ragged(d: dict, path: str, label_space: str | None = None) -> WaferData
                                  f"past the end of 'maps_flat' ({len(flat)} values)")
     maps = [check_map(flat[off[i]:ends[i]].reshape(shp[i]), f"{path}:maps_flat", i)
             for i in range(n)]
-    space = label_space or "wm811k"
+    space = label_space or _space(d, "wm811k")
     return WaferDataset(maps, _labels_1d(d["labels"], n, path, label_space=space), space,
                         _split(d, n, path), _meta(d, n), path)
 
@@ -172,7 +186,7 @@ def read_dense(d: dict, path: str, value3: str = "fail", raw: bool = False) -> W
         ids, space = _mixed_ids(lab, cols, path, lk), "mixedwm38"
     else:
         threes = np.zeros(n, int)
-        space = str(np.asarray(d["label_space"])) if "label_space" in d else "wm811k"
+        space = _space(d, "wm811k")
         ids = _labels_1d(lab, n, path, lk, space)
     out = [check_map(maps[i], f"{path}:{mk}", i) for i in range(n)]
     meta = _meta(d, n)
@@ -212,7 +226,7 @@ def read_npz_any(path: str, value3: str = "fail", label_space: str | None = None
         return read_dense(d, path, value3, raw=True)
     if "maps" in d and "labels" in d and np.asarray(d["labels"]).ndim == 2:
         return read_dense(d, path, value3)
-    return read_simple_npz(d, path, label_space or "wm811k")
+    return read_simple_npz(d, path, label_space or _space(d, "wm811k"))
 
 
 def read_npy(path: str, label_space: str = "wm811k") -> WaferDataset:
