@@ -239,6 +239,8 @@ def generate(num: int, seed: int = 0, label_space: str = "wm811k", balance="bala
     shapes: None = WM-811K-like grid distribution ('wm811k' space) or 52x52 ('mixedwm38');
         or a list of (H, W) grids to draw from.
     background: scale of the background random-failure density (0 = clean maps).
+    WM-811K-like grids are cropped to the dies on the wafer (as in LSWMD.pkl); fixed grids
+    (``shapes`` given, or 52x52 for mixedwm38) keep their full size, as in MixedWM38.
     Maps are ordered lot by lot; meta holds lot, wafer_index (1..25), die_size (dies on the
     wafer, as WM-811K's dieSize), grid and the pattern types.
     """
@@ -246,6 +248,7 @@ def generate(num: int, seed: int = 0, label_space: str = "wm811k", balance="bala
         raise ValueError(f"num={num}: expected >= 0")
     names = L.class_names(label_space)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x3AFE]))
+    crop = shapes is None and label_space == "wm811k"   # fixed grids stay whole (52x52)
     if shapes is None and label_space == "mixedwm38":
         shapes = [(52, 52)]
     counts = _exact_counts(num, class_weights(label_space, balance), rng)
@@ -289,7 +292,7 @@ def generate(num: int, seed: int = 0, label_space: str = "wm811k", balance="bala
             out = _render(b, [types[i] for i in idx], rho[idx], flat[idx], ang[idx], bg[idx],
                           rng)
             for j, i in enumerate(idx):
-                maps[i] = _crop(out[j])
+                maps[i] = _crop(out[j]) if crop else np.ascontiguousarray(out[j])
     prefix = lot_prefix if lot_prefix is not None else f"syn{seed}-lot"
     meta = [dict(lot=f"{prefix}{lot_of[i] + 1}", wafer_index=int(wafer_index[i]),
                  die_size=int(np.count_nonzero(maps[i])), grid=tuple(map(int, grid[i])),
