@@ -44,11 +44,18 @@ def area_resize_onehot(m: np.ndarray, size: int) -> np.ndarray:
         raise ValueError(f"area_resize_onehot: expected a 2-D map, got shape {m.shape}")
     if size < 1:
         raise ValueError(f"area_resize_onehot: size must be >= 1, got {size}")
-    rh = overlap_matrix(m.shape[0], int(size)).astype(np.float32)   # [S,H]
-    rw = overlap_matrix(m.shape[1], int(size)).astype(np.float32)   # [S,W]
-    oh = onehot(m)                                                  # [H,W,3]
-    out = np.einsum("ah,hwc,bw->abc", rh, oh, rw, optimize=True)
-    return out.astype(np.float32)
+    h, w = m.shape
+    rh, rw = _overlap32(h, int(size)), _overlap32(w, int(size))     # [S,H], [S,W]
+    oh = onehot(m).reshape(h, w * NUM_STATES)                       # [H,W*3]
+    t = (rh @ oh).reshape(size, w, NUM_STATES).transpose(0, 2, 1)   # [S,3,W]
+    return np.ascontiguousarray((t @ rw.T).transpose(0, 2, 1))      # [S,S,3]
+
+
+@functools.lru_cache(maxsize=4096)
+def _overlap32(n: int, s: int) -> np.ndarray:
+    r = overlap_matrix(n, s).astype(np.float32)
+    r.setflags(write=False)
+    return r
 
 
 def dihedral(img: np.ndarray, k: int, flip: bool) -> np.ndarray:
