@@ -104,7 +104,8 @@ def tower_to_hf(tower_params, tower: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _abstract_tower(cfg, tower: str):
+def _abstract_params(cfg):
+    """Unrolled param shapes of WamGLM(cfg) (eval_shape: nothing is materialised)."""
     from wamglm_jax.models.wamglm import WamGLM, num_image_tokens
     ucfg = copy.deepcopy(cfg)
     ucfg.scan_layers, ucfg.remat = False, "none"
@@ -113,16 +114,16 @@ def _abstract_tower(cfg, tower: str):
     tokens = jnp.full((1, n), cfg.image_token_id, jnp.int32)
     shapes = jax.eval_shape(lambda: nn.unbox(WamGLM(ucfg).init(
         jax.random.key(0), images, tokens, jnp.ones((1, n), jnp.int32))["params"]))
-    return shapes[tower]
+    return shapes
 
 
-def tower_from_hf(state_dict, tower: str, cfg):
+def tower_from_hf(state_dict, tower: str, cfg, _shapes=None):
     """{HF name relative to the tower: array (numpy or torch)} -> the tower's JAX params
     (stacked if cfg.scan_layers). Raises KeyError naming missing weights."""
     if tower == "vision":     # SiglipVisionModel names: with or without `vision_model.`
         state_dict = {k[len("vision_model."):] if k.startswith("vision_model.") else k: v
                       for k, v in state_dict.items()}
-    shapes = _abstract_tower(cfg, tower)
+    shapes = (_shapes or _abstract_params(cfg))[tower]
     out: dict = {}
     missing = []
     for path, sds in _flatten(shapes):
@@ -193,7 +194,8 @@ def _split_towers(state_dict):
 def from_hf(state_dict, cfg):
     """Llava state dict (classic or v5 names; numpy or torch tensors) -> WamGLM params."""
     towers = _split_towers(state_dict)
-    return {t: tower_from_hf(towers[t], t, cfg) for t in TOWERS}
+    shapes = _abstract_params(cfg)
+    return {t: tower_from_hf(towers[t], t, cfg, shapes) for t in TOWERS}
 
 
 def hf_config_kwargs(cfg) -> dict:

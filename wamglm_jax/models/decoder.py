@@ -168,7 +168,10 @@ class Decoder(nn.Module):
 
     def embed(self, tokens):
         """int32[B,T] -> float[B,T,D] token embeddings (compute dtype)."""
-        return constrain(self.embed_tokens(tokens), ACT)
+        # Gather from a table whose embed (FSDP) dim is all-gathered first: gathering from an
+        # embed-sharded table forces XLA into an involuntary full rematerialisation.
+        table = nn.with_logical_constraint(self.embed_tokens.embedding, ("vocab", None))
+        return constrain(jnp.take(table, tokens, axis=0).astype(self.dtype), ACT)
 
     def __call__(self, tokens=None, attention_mask=None, positions=None, cache=None,
                  inputs_embeds=None):
