@@ -1,0 +1,94 @@
+"""QA scoring, the template baseline, and the stage-2 loss against independent computations."""
+import numpy as np
+import pytest
+
+from wamglm_jax.data.generator import generate
+from wamglm_jax.evaluate import baseline as bl
+from wamglm_jax.evaluate import qa as qa_eval
+from wamglm_jax.qa.answers import parse_answer
+from wamglm_jax.qa.dialogues import build_dialogues
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = generate(60, seed=3)
+    items = build_dialogues(ds, seed=1, heldout=0.5)
+    return ds, items
+
+
+def _records(items, answer_fn):
+    recs = []
+    for it in items:
+        for t, kind, want, _ in qa_eval.turn_prompts(it):
+            text = answer_fn(it, t, kind)
+            parsed = parse_answer(kind, text)
+            recs.append(dict(id=it["id"], turn=t, kind=kind, correct=qa_eval.score(
+                kind, parsed, want, text), heldout=it["heldout"]))
+    return recs
+
+
+def test_reference_answers_all_score_correct(data):
+    _, items = data
+    recs = _records(items, lambda it, t, k: it["messages"][t]["content"])
+    bad = [r for r in recs if not r["correct"]]
+    assert not bad, bad[:3]
+    s = qa_eval.summarize(recs)
+    assert s["turn_accuracy"] == 1.0 and s["dialogue_accuracy"] == 1.0
+    assert s["heldout"]["n_dialogues"] + s["seen"]["n_dialogues"] == len(items)
+    assert len(s["by_kind"]) >= 8
+
+
+def test_garbage_answers_score_wrong(data):
+    _, items = data
+    recs = _records(items, lambda it, t, k: ".")
+    assert not any(r["correct"] for r in recs)
+    s = qa_eval.summarize(recs)
+    assert s["turn_accuracy"] == 0.0 and s["dialogue_accuracy"] == 0.0
+
+
+def test_tolerances():
+    assert qa_eval.score("count", {"failing": 109, "total": None}, {"failing": 100, "total": 500})
+    assert not qa_eval.score("count", {"failing": 111, "total": None}, {"failing": 100, "total": 500})
+    assert qa_eval.score("count", {"failing": 4, "total": None}, {"failing": 5, "total": 50})
+    assert qa_eval.score("yield", {"yield_pct": 87.0}, {"yield_pct": 90.0})
+    assert not qa_eval.score("yield", {"yield_pct": 86.9}, {"yield_pct": 90.0})
+    assert not qa_eval.score("zone_extent", {"zone": "edge", "failing": 10},
+                             {"zone": "center", "failing": 10, "total": 20})
+    with pytest.raises(ValueError, match="unknown question kind"):
+        qa_eval.score("nope", {}, {})
+
+
+def test_baseline_with_true_labels_is_perfect_and_wrong_labels_are_not(data):
+    ds, items = data
+    true = {int(it["image_index"]): int(ds.labels[it["image_index"]]) for it in items}
+    recs = bl.baseline_records(items, ds.maps, true, ds.label_space)
+    assert recs and all(r["correct"] for r in recs)
+    assert {r["kind"] for r in recs} <= set(bl.CLASS_KINDS)
+    # predict "none" (id 8) everywhere: defect_type answers are right only on none maps
+    none = {i: 8 for i in true}
+    recs = bl.baseline_records(items, ds.maps, none, ds.label_space)
+    dt = [r for r in recs if r["kind"] == "defect_type"]
+    want = [ds.labels[int(r["id"].split("-")[0])] == 8 for r in dt]
+    assert [r["correct"] for r in dt] == want
+    s = bl.summarize_baseline(recs, none, ds.labels)
+    np.testing.assert_allclose(s["classifier_accuracy"], np.mean([ds.labels[i] == 8 for i in none]))
+
+
+def test_lm_loss_matches_numpy():
+    from wamglm_jax.train.stage2 import lm_loss
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    tokens = rng.integers(0, 7, size=(2, 5)).astype(np.int32)
+    mask = np.array([[0, 0, 1, 1, 0], [0, 1, 0, 0, 1]], np.int32)
+    loss, acc, n = lm_loss(logits, tokens, mask)
+    nll, hits = [], []
+    for b in range(2):
+        for t in range(1, 5):
+            if mask[b, t]:
+                z = logits[b, t - 1].astype(np.float64)
+                lp = z - np.log(np.exp(z - z.max()).sum()) - z.max()
+                nll.append(-lp[tokens[b, t]])
+                hits.append(np.argmax(z) == tokens[b, t])
+    np.testing.assert_allclose(float(loss), np.mean(nll), rtol=1e-5)
+    np.testing.assert_allclose(float(acc), np.mean(hits))
+    assert int(n) == 4

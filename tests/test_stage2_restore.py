@@ -1,0 +1,88 @@
+"""Partial restore of the stage-1 vision tower into WamGLM params (orbax, target shardings)."""
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import presets
+from configs.common import SHARDING_RULES
+from wamglm_jax.models.wamglm import WamGLM, num_image_tokens
+from wamglm_jax.parallel import sharding as shd
+from wamglm_jax.parallel.mesh import make_mesh
+from wamglm_jax.train import stage2
+
+
+def _cfg():
+    cfg = presets.model_config("tiny")
+    cfg.vit.image_size = 16
+    cfg.lm.vocab_size = 128
+    return cfg
+
+
+def _save_fake_stage1(workdir, vision, step=5):
+    """A stage-1 style checkpoint: items `state` (params {vision, head}, opt_state, ...) and no
+    data_iter, written by an orbax CheckpointManager like train/checkpoint.py does."""
+    rng = np.random.default_rng(0)
+    state = {"step": np.int32(step),
+             "params": {"vision": vision,
+                        "head": {"classifier": {"kernel": rng.normal(size=(64, 9)).astype(np.float32)}}},
+             "opt_state": {"mu": {"head": rng.normal(size=(9,)).astype(np.float32)}},
+             "batch_stats": {"bn": {"mean": np.zeros(4, np.float32)}},
+             "rng": np.zeros(2, np.uint32)}
+    mgr = ocp.CheckpointManager(workdir / "stage1" / "checkpoints", item_names=("state",))
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    mgr.wait_until_finished()
+    mgr.close()
+
+
+def test_restore_vision_subtree_exactly_with_target_shardings(tmp_path):
+    cfg = _cfg()
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = shd.rules_from_config(SHARDING_RULES)
+    model = WamGLM(cfg)
+    params, shardings = stage2.init_params(model, cfg, mesh, rules, seed=0)
+    # stage-1 vision weights: same tree/shapes as WamGLM's, different values
+    rng = np.random.default_rng(1)
+    fake = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params["vision"])
+    _save_fake_stage1(tmp_path, fake)
+    path = stage2.find_stage1_checkpoint(tmp_path)
+    assert path.endswith("stage1/checkpoints/5/state")
+    before_lm = jax.tree.map(np.asarray, params["lm"])
+    before_proj = jax.tree.map(np.asarray, params["projector"])
+    got = stage2.restore_stage1_vision(path, params["vision"])
+    flat_got = jax.tree_util.tree_flatten_with_path(got)[0]
+    flat_want = jax.tree.leaves(fake)
+    assert len(flat_got) == len(flat_want) > 0
+    for (p, a), b in zip(flat_got, flat_want):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    # shardings follow the target (e.g. tensor-sharded attention kernels), not the saved ones
+    for a, s in zip(jax.tree.leaves(got), jax.tree.leaves(shardings["vision"])):
+        assert a.sharding.is_equivalent_to(s, a.ndim)
+    params["vision"] = got
+    for a, b in zip(jax.tree.leaves(params["lm"]), jax.tree.leaves(before_lm)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    for a, b in zip(jax.tree.leaves(params["projector"]), jax.tree.leaves(before_proj)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    # the restored model runs
+    n = num_image_tokens(cfg)
+    toks = np.array([[1] + [cfg.image_token_id] * n + [5]] * 8, np.int32)
+    with shd.activate(mesh, rules):
+        logits = jax.jit(lambda p: model.apply({"params": p}, np.zeros((8, 16, 16, 3), np.float32),
+                                               toks, np.ones_like(toks)))(params)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_restore_shape_mismatch_and_missing_checkpoint(tmp_path):
+    cfg = _cfg()
+    model = WamGLM(cfg)
+    mesh = make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+    params, _ = stage2.init_params(model, cfg, mesh, SHARDING_RULES, seed=0)
+    with pytest.raises(FileNotFoundError, match="no stage-1 checkpoint"):
+        stage2.find_stage1_checkpoint(tmp_path)
+    other = _cfg()
+    other.vit.hidden_size = 32
+    other.vit.intermediate_size = 64
+    p2, _ = stage2.init_params(WamGLM(other), other, mesh, SHARDING_RULES, seed=0)
+    _save_fake_stage1(tmp_path, jax.tree.map(np.asarray, p2["vision"]))
+    with pytest.raises(ValueError, match="vision"):
+        stage2.restore_stage1_vision(stage2.find_stage1_checkpoint(tmp_path), params["vision"])
