@@ -83,12 +83,15 @@ def test_kv_cache_matches_full_forward_with_padding():
         np.testing.assert_allclose(np.asarray(lg)[real, 0], full[real, i], atol=1e-5, rtol=0)
     assert int(cache["index"]) == t
 
-    # 2) prefill the first 5 tokens, then decode the rest one by one.
+    # 2) prefill in two chunks (default positions continue from cache['pos']), then decode
+    #    the rest one by one.
     cache = init_cache(cfg, b, max_len=16)
-    lg, cache = jax.jit(lambda c, t, m: dec.apply(p, t, attention_mask=m, cache=c))(
-        cache, tokens[:, :5], mask[:, :5])
+    prefill = jax.jit(lambda c, t, m: dec.apply(p, t, attention_mask=m, cache=c))
+    lg1, cache = prefill(cache, tokens[:, :3], mask[:, :3])
+    lg2, cache = prefill(cache, tokens[:, 3:5], mask[:, 3:5])
+    lg = np.concatenate([lg1, lg2], axis=1)
     real = mask[:, :5] == 1
-    np.testing.assert_allclose(np.asarray(lg)[real], full[:, :5][real], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(lg[real], full[:, :5][real], atol=1e-5, rtol=0)
     for i in range(5, t):
         lg, cache = step(cache, tokens[:, i:i + 1], mask[:, i:i + 1], pos[:, i:i + 1])
         real = mask[:, i] == 1
@@ -114,11 +117,20 @@ def test_decode_after_padded_prompts_equals_unpadded_forward():
     np.testing.assert_allclose(np.asarray(lg)[0, -1], alone[3], atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(lg)[1, 3], alone[3], atol=1e-5, rtol=0)
     nxt = mask.sum(1).astype(np.int32)          # position of the first decoded token
+    np.testing.assert_array_equal(cache["pos"], nxt)
     step = jax.jit(lambda c, tok, ps: dec.apply(p, tok, positions=ps, cache=c))
+    step_auto = jax.jit(lambda c, tok: dec.apply(p, tok, cache=c))     # positions from cache
     for j, tok in enumerate(cont):
-        lg, cache = step(cache, np.full((2, 1), tok, np.int32), (nxt + j)[:, None])
+        tok2 = np.full((2, 1), tok, np.int32)
+        if j % 2:
+            lg, cache = step_auto(cache, tok2)
+        else:
+            lg, cache = step(cache, tok2, (nxt + j)[:, None])
         for r in range(2):
             np.testing.assert_allclose(np.asarray(lg)[r, 0], alone[4 + j], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(cache["pos"], nxt + len(cont))
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        dec.apply(p, np.zeros((2, 4), np.int32), cache=cache)      # 9 + 4 > max_len 12
 
 
 def test_causality(cfg, params):

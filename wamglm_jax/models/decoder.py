@@ -15,15 +15,17 @@ Full forward (training):
 KV cache (explicit pytree, no flax 'cache' collection, so every call is a pure function):
     cache = init_cache(cfg, batch=B, max_len=L)
         {'k','v': float[num_layers,B,L,Hkv,hd] (compute dtype), 'valid': bool[B,L],
-         'index': int32[] = next slot to write}
+         'index': int32[] = next slot to write, 'pos': int32[B] = next position per row}
     Prefill a prompt of T <= L tokens (left- or right-padded, mask int32[B,T]):
         logits, cache = Decoder(cfg).apply(vars, tokens, attention_mask=mask, cache=cache)
-        # writes slots [index, index+T), index += T. positions default as above.
+        # writes slots [index, index+T), index += T. Default positions with a cache:
+        # cache['pos'][b] + cumsum(mask[b]) - 1 (clipped), so a prompt may be fed in chunks.
     Decode one token per row:
-        logits, cache = Decoder(cfg).apply(vars, next_tok int32[B,1], positions=pos int32[B,1],
-                                           cache=cache)
-        # pos for the first decoded token of row b = number of real tokens in its prompt
-        # (= mask[b].sum() with default prompt positions), then +1 per step.
+        logits, cache = Decoder(cfg).apply(vars, next_tok int32[B,1], cache=cache)
+        # positions default to cache['pos'] (= number of real tokens so far in row b); an
+        # explicit positions=int32[B,1] is also accepted (the generator passes
+        # mask.sum(1) + step, which is the same number). cache['pos'] becomes
+        # max(pos, 1 + largest position given to a real token of the chunk).
     Each query at slot s attends to cached slots <= s whose `valid` bit is set, so pad slots
     (anywhere: left pads, right pads between a short prompt and its continuation) are never
     attended; RoPE uses the explicit positions, so relative distances stay exact.
@@ -57,7 +59,8 @@ def init_cache(cfg, batch: int, max_len: int, dtype=None) -> dict:
     dtype = dtype or compute_dtype(cfg)
     shape = (lm.num_layers, batch, max_len, lm.num_kv_heads, lm.head_dim)
     return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+                valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
+                pos=jnp.zeros((batch,), jnp.int32))
 
 
 def default_positions(attention_mask):
@@ -99,6 +102,8 @@ class LlamaAttention(nn.Module):
                                               (0, index, 0, 0))
             cv = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype),
                                               (0, index, 0, 0))
+            ck = constrain(ck, ("batch", "length", "kv_heads", "kv"))
+            cv = constrain(cv, ("batch", "length", "kv_heads", "kv"))
             layer_cache = dict(k=ck, v=cv)
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
         b, t = q.shape[:2]
@@ -194,6 +199,8 @@ class Decoder(nn.Module):
             attention_mask = jnp.ones((b, t), jnp.int32)
         if positions is None:
             positions = default_positions(attention_mask)
+            if cache is not None:
+                positions = positions + cache["pos"][:, None]
         cos, sin = rope_cos_sin(positions, lm.head_dim, lm.rope_theta)
         valid = attention_mask.astype(bool)
         if cache is None:
@@ -201,6 +208,10 @@ class Decoder(nn.Module):
             q_slot = jnp.arange(t)
         else:
             index = cache["index"]
+            max_len = cache["valid"].shape[1]
+            if not isinstance(index, jax.core.Tracer) and int(index) + t > max_len:
+                raise ValueError(f"KV cache overflow: {int(index)} slots used + {t} new tokens "
+                                 f"> max_len={max_len} (init_cache(..., max_len=...))")
             valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
             layer_caches = dict(k=cache["k"], v=cache["v"])
             q_slot = index + jnp.arange(t)
@@ -220,8 +231,11 @@ class Decoder(nn.Module):
         x = self.norm(x)
         new_cache = None
         if cache is not None:
+            chunk_valid = attention_mask.astype(bool)
+            last = jnp.max(jnp.where(chunk_valid, positions + 1, 0), axis=1)
             new_cache = dict(k=layer_caches["k"], v=layer_caches["v"], valid=valid,
-                             index=index + t)
+                             index=index + t,
+                             pos=jnp.maximum(cache["pos"], last).astype(jnp.int32))
         return x, new_cache
 
     def logits(self, hidden):

@@ -20,10 +20,11 @@ Inference pieces (for wamglm_jax.inference; all pure functions of (params, input
     img = model.apply(v, images, method=WamGLM.encode_images)               # float[B,N,D]
     cache = decoder.init_cache(cfg, batch=B, max_len=L)
     logits, cache = model.apply(v, img, tokens, attention_mask, cache, method=WamGLM.prefill)
-    logits, cache = model.apply(v, tok int32[B,1], pos int32[B,1], cache,
+    logits, cache = model.apply(v, tok int32[B,1], pos int32[B,1] or None, cache,
                                 method=WamGLM.decode_step)
   prefill positions default to cumsum(mask)-1, so the first decoded token of row b has position
-  attention_mask[b].sum(), then +1 per step. See models/decoder.py for the cache layout.
+  attention_mask[b].sum(), then +1 per step; with pos=None decode_step uses cache['pos'], which
+  tracks exactly that. See models/decoder.py for the cache layout.
 """
 from __future__ import annotations
 
@@ -128,8 +129,8 @@ class WamGLM(nn.Module):
         return self.lm.logits(hidden), cache
 
     def decode_step(self, tokens, positions, cache, attention_mask=None):
-        """One (or a few) new text tokens int32[B,t] at positions int32[B,t] ->
-        (logits float32[B,t,V], cache)."""
+        """One (or a few) new text tokens int32[B,t] at positions int32[B,t] (None: continue
+        from cache['pos']) -> (logits float32[B,t,V], cache)."""
         hidden, cache = self.lm.hidden_states(self.lm.embed(tokens), attention_mask, positions,
                                               cache)
         return self.lm.logits(hidden), cache
