@@ -205,6 +205,20 @@ def test_scan_equals_unrolled_and_remat(cfg, params):
         scfg = small_cfg(scan_layers=True, remat=remat)
         out = np.asarray(jax.jit(WamGLM(scfg).apply)({"params": stacked}, images, tokens, mask))
         np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+    # Cached prefill + one decode step through the scanned stack match the unrolled model.
+    caches = {}
+    for c, prm in ((cfg, params), (small_cfg(scan_layers=True), stacked)):
+        def run(v, img, tok, m, c=c):
+            model = WamGLM(c)
+            emb = model.apply(v, img, method=WamGLM.encode_images)
+            cache = init_cache(c, tok.shape[0], max_len=tok.shape[1] + 2)
+            lg, cache = model.apply(v, emb, tok, m, cache, method=WamGLM.prefill)
+            lg2, cache = model.apply(v, tok[:, -1:], None, cache, method=WamGLM.decode_step)
+            return lg, lg2, cache
+        caches[c.scan_layers] = jax.jit(run)({"params": prm}, images, tokens, mask)
+    np.testing.assert_allclose(caches[True][0], ref, atol=1e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(caches[True]), jax.tree.leaves(caches[False])):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     # The scanned model's own init has the same tree as the stacked params; round trip works.
     scfg = small_cfg(scan_layers=True)
     shapes = jax.eval_shape(lambda: nn.unbox(WamGLM(scfg).init(
