@@ -8,10 +8,11 @@ Geometry (wafer units: the wafer radius is 1; a grid H x W covers the wafer, so 
   * on-wafer dies: centre within the usable radius rho (edge exclusion, 0.96..1.03), optional
     flat / notch cut; the grid is cropped to the dies on the wafer.
   * Center: disc at the centre, radius 0.15..0.38. Donut: annulus, inner 0.26..0.45, width
-    0.12..0.25, arc 270..360 deg. Loc: ellipse 0.13..0.30 at radius 0.2..0.85-size (clear of
+    0.12..0.25, arc 270..360 deg. Loc: ellipse 0.13..0.30 at radius 0.3..0.85-size (clear of
     the edge and of the centre). Edge-Loc: crescent at the edge, 0.15..0.38 deep (>= 2.5 dies)
     over 50..120 deg. Edge-Ring: band of 0.9..1.8 dies (at least 0.03) over 300..360 deg. Scratch: 1-4 joined thin
-    segments (0.25..0.9 long each, >= 0.6 in all, 1-2 dies thick, density >= 0.85) or an arc. Random: 25..60 % of dies
+    segments (0.25..0.9 long each, >= 0.6 in all, turns <= 40 deg, 1-2 dies thick, density
+    >= 0.85) or an arc, centred within 0.45 of the wafer centre. Random: 25..60 % of dies
     fail anywhere. Near-full: 78..99 % fail.
   * Every pattern fails its dies with a density (0.6..1) and soft borders, on top of
     background random failures (median ~5 %, <= 18 %) that rise slightly near the edge.
@@ -135,7 +136,7 @@ def _pattern(kind: str, b: _Batch, m: int, rng, rho, ang):
         return dens * _sig((d - rin) / soft) * _sig((rin + wid - d) / soft) * arc
     if kind == "Loc":
         a = np.maximum(rng.uniform(0.13, 0.30, m), 2.2 * float(b.pitch))
-        rc = rng.uniform(0.2, np.maximum(0.21, 0.85 - a), m)
+        rc = rng.uniform(0.3, np.maximum(0.31, 0.85 - a), m)
         th = ang + rng.normal(0, 0.5, m)
         cx, cy = c(rc * np.cos(th)), c(rc * np.sin(th))
         bb = c(a * rng.uniform(0.7, 1.0, m))
@@ -167,21 +168,27 @@ def _pattern(kind: str, b: _Batch, m: int, rng, rho, ang):
                         0.0)
         # total length >= 0.6 wafer radii: a scratch never shrinks to a blob
         seglen = np.maximum(rng.uniform(0.25, 0.5, m), rng.uniform(0.6, 0.9, m) / k)
-        p0r, p0t = np.sqrt(rng.uniform(0, 0.5, m)), rng.uniform(-np.pi, np.pi, m)
-        px, py = p0r * np.cos(p0t), p0r * np.sin(p0t)
         th = ang + rng.normal(0, 0.6, m)
-        half_t = c(np.maximum(rng.uniform(0.55, 1.0, m) * b.pitch, 0.02))
+        half_t = c(np.maximum(rng.uniform(0.55, 1.0, m) * b.pitch, 0.025))
+        # vertices of the polyline (turns <= 0.7 rad keep it elongated), then centred on a
+        # point within 0.45 of the wafer centre so that most of it lies on the wafer
+        vx, vy = [np.zeros(m)], [np.zeros(m)]
+        for s in range(4):
+            th = th + (np.where(arc, turn, rng.uniform(-0.7, 0.7, m)) if s else 0.0)
+            vx.append(vx[-1] + np.where(s < k, seglen * np.cos(th), 0.0))
+            vy.append(vy[-1] + np.where(s < k, seglen * np.sin(th), 0.0))
+        vx, vy = np.stack(vx), np.stack(vy)                           # [5,m]
+        cr, ct = np.sqrt(rng.uniform(0, 0.2, m)), rng.uniform(-np.pi, np.pi, m)
+        vx += cr * np.cos(ct) - (vx[0] + vx[-1]) / 2
+        vy += cr * np.sin(ct) - (vy[0] + vy[-1]) / 2
         dmin = np.full((m, b.H, b.W), np.inf, np.float32)
         for s in range(4):
-            jt = np.where(arc, turn, rng.uniform(-1.0, 1.0, m))
-            th = th + (jt if s else 0.0)
-            qx, qy = px + seglen * np.cos(th), py + seglen * np.sin(th)
-            ax, ay, ex, ey = c(px), c(py), c(qx - px), c(qy - py)
-            tt = np.clip(((u - ax) * ex + (v - ay) * ey) / (ex * ex + ey * ey), 0, 1)
+            ax, ay, ex, ey = c(vx[s]), c(vy[s]), c(vx[s + 1] - vx[s]), c(vy[s + 1] - vy[s])
+            tt = np.clip(((u - ax) * ex + (v - ay) * ey) / np.maximum(ex * ex + ey * ey, 1e-9),
+                         0, 1)
             d = np.sqrt((u - ax - tt * ex) ** 2 + (v - ay - tt * ey) ** 2)
             d = np.where(c(s < k), d, np.inf)
             np.minimum(dmin, d, out=dmin)
-            px, py = qx, qy
         return np.maximum(dens, 0.85) * (dmin <= half_t)
     if kind == "Random":
         return c(rng.uniform(0.25, 0.6, m)) * np.ones_like(r)
