@@ -82,6 +82,9 @@ def test_npy_png_csv_user_files(tmp_path):
     assert np.array_equal(load_dataset(tmp_path / "m.png").maps[0], m)
     Image.fromarray(m, mode="L").save(tmp_path / "g.png")         # raw states 0/1/2
     assert np.array_equal(load_dataset(tmp_path / "g.png").maps[0], m)
+    Image.fromarray(pal[m]).convert("P", palette=Image.Palette.ADAPTIVE, colors=3).save(
+        tmp_path / "p.png")                                      # palette indices in any order
+    assert np.array_equal(load_dataset(tmp_path / "p.png").maps[0], m)
     img = pal[m].copy()
     img[2, 3] = (20, 40, 250)                                     # blue: not a die colour
     Image.fromarray(img).save(tmp_path / "bad.png")
@@ -160,6 +163,9 @@ def test_bad_files(tmp_path):
     np.savez(tmp_path / "nokeys.npz", foo=np.ones(3))
     with pytest.raises(DatasetFormatError, match="no map arrays; expected one of the layouts"):
         load_dataset(tmp_path / "nokeys.npz")
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(DatasetFormatError, match="adir: not a dataset directory"):
+        load_dataset(tmp_path / "adir")
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(DatasetFormatError, match="unknown file type"):
         load_dataset(tmp_path / "x.txt")

@@ -9,8 +9,8 @@ Near-full maps with a stray value 3. With ``value3='fail'`` (default) every 3 be
 true); the number of maps and dies changed is reported with ``warnings.warn`` and kept in
 ``WaferDataset.meta`` (``value3_dies``). With ``value3='error'`` such a file is rejected.
 
-PNG colour mapping (one pixel = one die): a PNG whose values are all in {0,1,2} (grayscale or
-palette indices) holds the die states directly. Otherwise each RGB(A) pixel is matched to the
+PNG colour mapping (one pixel = one die): a grayscale PNG whose values are all in {0,1,2}
+holds the die states directly. Otherwise (RGB, RGBA, palette) each pixel's colour is matched to the
 nearest palette colour (within distance 100): off-wafer = white (255,255,255), black (0,0,0)
 or alpha < 128; good = #8fbc8f (the gallery's green), pure/dark green (0,255,0)/(0,128,0),
 grey (128,128,128); fail = #b22222 (the gallery's red), red (255,0,0). Other colours are an
@@ -257,8 +257,8 @@ def png_to_map(path: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("P", "L") and np.asarray(im).max() <= 2:
-                return check_map(np.asarray(im), path)
+            if im.mode in ("L", "I", "I;16") and np.asarray(im).max() <= 2:
+                return check_map(np.asarray(im), path)   # grayscale holding the states
             rgba = np.asarray(im.convert("RGBA")).astype(np.float32)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DatasetFormatError(f"{path}: not a readable PNG: {e}") from None
