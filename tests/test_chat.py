@@ -1,0 +1,97 @@
+"""The chat: a tiny stage-2 run, `python -m tools.chat --question ...` end to end, and the
+ChatSession context-overflow policy."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import quickstart
+from wamglm_jax.parallel import sharding as shd
+from wamglm_jax.parallel.mesh import make_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny stage-2 checkpoint (no stage 1: random tower) trained for a few steps."""
+    from wamglm_jax.train import stage2
+    wd = tmp_path_factory.mktemp("chat_run")
+    config = quickstart.get_config("ci")
+    config.stages = ("stage2",)
+    config.model.vit.image_size = 16
+    config.data.num_train, config.data.num_val, config.data.num_test = 48, 8, 8
+    config.stage2.init_vision_from_stage1 = False
+    config.stage2.loop.num_steps = 3
+    config.stage2.loop.log_every = 3
+    config.stage2.eval.num_maps = 2
+    config.stage2.eval.max_new_tokens = 8
+    config.stage2.eval.baseline = False
+    mesh = make_mesh(config.mesh)
+    with shd.activate(mesh, shd.rules_from_config(config)):
+        report = stage2.run(config, str(wd), mesh)
+    assert report["steps"] == 3 and "qa" in report
+    return wd
+
+
+@pytest.mark.slow
+def test_chat_script_answers_each_question(run_dir, tmp_path):
+    m = np.ones((12, 12), np.uint8)
+    m[0, 0] = m[0, -1] = m[-1, 0] = m[-1, -1] = 0
+    m[5:7, 5:7] = 2
+    path = tmp_path / "map.npy"
+    np.save(path, m)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, "-m", "tools.chat", f"--workdir={run_dir}", f"--map={path}",
+         "--question=What defect pattern is on this wafer?", "--question=Why?",
+         "--max_new_tokens=6"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    answers = [ln for ln in out.stdout.splitlines() if ln.startswith("A: ")]
+    assert len(answers) == 2, out.stdout
+    assert "XX" in out.stdout            # the map was printed (failing block)
+    bad = subprocess.run([sys.executable, "-m", "tools.chat", f"--workdir={run_dir}",
+                          f"--map={tmp_path / 'missing.npy'}", "--question=hi"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "missing.npy" in (bad.stderr + bad.stdout)
+
+
+def test_chat_session_drops_oldest_pairs_keeps_image(run_dir):
+    from wamglm_jax.inference.chat import ChatSession, ContextLengthError
+    from wamglm_jax.inference.generate import GenerationConfig, Generator
+    from wamglm_jax.qa.encode import encode_prompt
+    from wamglm_jax.train.stage2 import load_for_inference
+
+    cfg, params, tok = load_for_inference(run_dir)
+    gen = Generator(cfg, params)
+    n = (cfg.vit.image_size // cfg.vit.patch_size) ** 2
+    img = np.zeros((cfg.vit.image_size,) * 2 + (3,), np.float32)
+    pairs = [("<image>\nWhat defect pattern is this?", "It is a Center pattern."),
+             ("Where are the failures concentrated on this wafer map today?",
+              "The failing dies are concentrated at the center, with no preferred side."),
+             ("How many dies fail?", "12 of 300 dies fail.")]
+    hist = [m for q, a in pairs for m in ({"role": "user", "content": q},
+                                          {"role": "assistant", "content": a})]
+    q = "Why?"
+    keep = hist[:2] + hist[4:] + [{"role": "user", "content": q}]
+    budget = len(encode_prompt(tok, keep, num_image_tokens=n))
+    g = GenerationConfig(max_new_tokens=4, stop_tokens=(tok.eos_token_id,))
+    logs = []
+    s = ChatSession(gen, tok, img, gen=g, max_context=budget + 4, log=logs.append)
+    s.history = [dict(m) for m in hist]
+    s.ask(q)
+    assert [m["content"] for m in s.history[:4]] == [m["content"] for m in keep[:4]]
+    assert s.history[4]["content"] == q and s.history[0]["content"].startswith("<image>")
+    assert len(logs) == 1 and "dropped the 1 oldest" in logs[0]
+    # only the current question (with the image) fits: the image moves to it
+    only = [{"role": "user", "content": f"<image>\n{q}"}]
+    tight = len(encode_prompt(tok, only, num_image_tokens=n)) + 4
+    s2 = ChatSession(gen, tok, img, gen=g, max_context=tight, log=logs.append)
+    s2.history = [dict(m) for m in hist]
+    s2.ask(q)
+    assert s2.history[0]["content"] == f"<image>\n{q}" and len(s2.history) == 2
+    with pytest.raises(ContextLengthError, match="image"):
+        ChatSession(gen, tok, img, gen=g, max_context=n + 4).ask(q)
