@@ -103,6 +103,13 @@ def test_make_dataset_cli(tmp_path, capsys):
     res, err = run_cli(capsys, "--source=npz", f"--input={tmp_path / 'u.npz'}",
                        f"--output={tmp_path / 'o2'}", "--overwrite")
     assert res["duplicates_across_splits"] == 2 and "WARNING: 2 maps are byte-identical" in err
+    m3 = np.ones((2, 52, 52), np.uint8)
+    m3[0, 3, 3:6] = 3
+    np.savez(tmp_path / "Wafer_Map_Datasets.npz", arr_0=m3, arr_1=np.zeros((2, 8), np.uint8))
+    res, err = run_cli(capsys, "--source=mixedwm38", f"--input={tmp_path}/Wafer_Map_Datasets.npz",
+                       f"--output={tmp_path / 'o5'}")
+    assert res["counts"]["Normal"] == 2 and "1 maps held value 3 (3 dies)" in res["warnings"][0]
+    assert "WARNING:" in err and "value 3" in err
     res, _ = run_cli(capsys, "--source=npz", f"--input={tmp_path / 'u.npz'}",
                      f"--output={tmp_path / 'o2'}", "--overwrite")        # replaced, complete
     assert res["splits"]["val"]["Loc"] == 1

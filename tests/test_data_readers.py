@@ -184,5 +184,5 @@ def test_ragged_with_ids_label_space_and_meta(tmp_path):
     assert ds.meta[1]["lot"] is None and ds.meta[1]["wafer_index"] is None
     np.savez(p, maps_flat=np.concatenate([m.reshape(-1) for m in maps]),
              offsets=np.array([0, 20]), shapes=np.array([[5, 4], [6, 6]]),
-             labels=np.array(["Center+Edge-Loc", "Normal"]), label_space=np.array("mixedwm38"))
+             labels=np.array(["C+EL", "Normal"]), label_space=np.array("mixedwm38"))
     assert load_dataset(p).labels.tolist() == [9, 0]

@@ -9,7 +9,8 @@
 sub-directories named after a class (``DIR/Center/a.png``) get that label. Files without a
 split go to 'train' unless --val_fraction splits off a stratified, seeded 'val'.
 The LAST line printed is one JSON object: {"counts": {class: n over all splits},
-"splits": {split: {class: n}}, "duplicates_across_splits": k, "output": DIR}. Byte-identical
+"splits": {split: {class: n}}, "duplicates_across_splits": k, "output": DIR,
+"warnings": [reader warnings, e.g. the counted MixedWM38 value-3 mapping]}. Byte-identical
 maps found in more than one split are reported as a warning with counts (leakage).
 An existing non-empty --output is an error unless --overwrite; with --overwrite the new
 dataset is built beside it and swapped in only once complete.
@@ -25,6 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 
@@ -172,10 +174,17 @@ def main(argv=None) -> dict:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     try:
-        result = build(a)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = build(a)
     except (FileExistsError, FileNotFoundError, ValueError, PermissionError) as e:
         print(f"make_dataset: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    msgs = list(dict.fromkeys(str(w.message) for w in caught
+                              if issubclass(w.category, UserWarning)))
+    for m in msgs:
+        print(f"WARNING: {m}", file=sys.stderr)
+    result["warnings"] = msgs
     print(json.dumps(result))
     return result
 

@@ -63,9 +63,11 @@ def _need(d: dict, keys, path, layout):
 
 
 def mixed_id_from_name(name: str, source: str) -> int:
-    """'Center+Edge-Loc' (any spelling of each type, '+'-joined) or 'Normal' -> 38-class id."""
-    types = set() if L.canonical_label(name.split("+")[0], source) == L.NONE and "+" not in name \
-        else {L.canonical_label(t, source) for t in name.split("+")}
+    """'Center+Edge-Loc' / 'C+EL' (any spelling or abbreviation of each type, '+'-joined) or
+    'Normal' -> 38-class id."""
+    toks = [t.strip() for t in name.split("+")]
+    types = {L._ABBREV.get(t.upper()) or L.canonical_label(t, source) for t in toks}
+    types.discard(L.NONE)
     return L.mixed_id_from_multihot([t in types for t in L.MIXED_TYPES], source)
 
 
