@@ -21,7 +21,8 @@ from tools import make_dataset  # noqa: E402
 def test_synthetic_builder_roundtrip_and_grain(tmp_path):
     b = builders.prepare("synthetic_wafers", str(tmp_path), num_train=27, num_val=9,
                          num_test=0, seed=3)
-    assert b.name == "synthetic_wafers"
+    assert b.name == "synthetic_wafers" and builders.Wm811k.name == "wm811k"
+    assert builders.Mixedwm38.name == "mixedwm38"
     assert b.info.splits["train"].num_examples == 27 and "test" not in b.info.splits
     assert any(f.endswith("array_record-00000-of-00001") for f in os.listdir(b.data_dir))
     want = generate(27, seed=3, lot_prefix="syn-train3-lot")
