@@ -96,3 +96,21 @@ def test_stage1_analytic_flops_match_param_count():
     total += 3 * images * cfg.vit.num_layers * 4 * n * n * cfg.vit.hidden_size
     got = profile_step.analytic_flops(cfg, stage="stage1", batch=b, num_classes=c, proj_dim=pd)
     assert got["total"] == total
+
+
+def test_benchmark_tiny_and_skip_reason(tmp_path, capsys):
+    from tools import benchmark
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--preset=tiny", "--steps=1", "--batch_size=2", "--seq_len=72",
+                           f"--json={out}"]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["status"] == "ok" and row["params"] > 0 and np.isfinite(row["final_loss"])
+    assert row["train_tokens_per_s"] == 2 * 72 / row["train_step_s"]
+    assert row["forward_images_per_s"] == 2 / row["forward_step_s"]
+    assert row["train_flops_per_step"] == profile_step.analytic_flops(
+        presets.model_config("tiny"), stage="stage2", batch=2, seq_len=72)["total"]
+    assert "tiny" in capsys.readouterr().out
+    r = benchmark.bench_preset("small", steps=1, batch_size=None, seq_len=None, dtype=None,
+                               max_step_s=1e-9)
+    assert r["status"] == "skipped" and "estimated train step" in r["reason"]
+    assert benchmark.main(["--preset=nope"]) == 2
