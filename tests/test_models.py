@@ -60,8 +60,14 @@ def params(cfg):
 
 # ----------------------------------------------------------------------------- decoder / cache
 
-def test_kv_cache_matches_full_forward_with_padding():
+@pytest.fixture(scope="module")
+def lm_cfg_params():
     cfg = small_cfg(**{"lm.tie_embeddings": True})
+    return cfg, jax.jit(Decoder(cfg).init)(jax.random.key(0), np.zeros((1, 4), np.int32))
+
+
+def test_kv_cache_matches_full_forward_with_padding(lm_cfg_params):
+    cfg, p = lm_cfg_params
     dec = Decoder(cfg)
     rng = np.random.default_rng(1)
     b, t = 3, 9
@@ -69,7 +75,6 @@ def test_kv_cache_matches_full_forward_with_padding():
     mask = np.ones((b, t), np.int32)
     mask[1, :3] = 0            # left-padded row
     mask[2, -2:] = 0           # right-padded row
-    p = jax.jit(lambda k: dec.init(k, tokens, attention_mask=mask))(jax.random.key(0))
     full = np.asarray(jax.jit(lambda p, t, m: dec.apply(p, t, attention_mask=m))(p, tokens, mask))
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
 
@@ -98,15 +103,14 @@ def test_kv_cache_matches_full_forward_with_padding():
         np.testing.assert_allclose(np.asarray(lg)[real, 0], full[real, i], atol=1e-5, rtol=0)
 
 
-def test_decode_after_padded_prompts_equals_unpadded_forward():
+def test_decode_after_padded_prompts_equals_unpadded_forward(lm_cfg_params):
     """A row decoded after a left- or right-padded prompt gives the logits of the same real
     tokens run alone without padding (pads invisible, positions exact)."""
-    cfg = small_cfg()
+    cfg, p = lm_cfg_params
     dec = Decoder(cfg)
     rng = np.random.default_rng(2)
     real_prompt = rng.integers(0, cfg.lm.vocab_size, 4).astype(np.int32)
     cont = rng.integers(0, cfg.lm.vocab_size, 3).astype(np.int32)
-    p = jax.jit(dec.init)(jax.random.key(1), real_prompt[None])
     alone = np.asarray(jax.jit(dec.apply)(p, np.concatenate([real_prompt, cont])[None]))[0]
     pad = 0
     prompts = np.array([[pad, pad] + list(real_prompt), list(real_prompt) + [pad, pad]],

@@ -221,13 +221,11 @@ class Decoder(nn.Module):
         if self.config.scan_layers:
             x, layer_caches = self.layers(x, layer_caches, cos, sin, mask, index)
         else:
-            outs = []
             for i, layer in enumerate(self.layers):
                 lc = None if layer_caches is None else jax.tree.map(lambda a: a[i], layer_caches)
                 x, lc = layer(x, lc, cos, sin, mask, index)
-                outs.append(lc)
-            if layer_caches is not None:
-                layer_caches = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+                if lc is not None:      # in-place update of layer i (with a donated cache)
+                    layer_caches = jax.tree.map(lambda a, n: a.at[i].set(n), layer_caches, lc)
         x = self.norm(x)
         new_cache = None
         if cache is not None:
