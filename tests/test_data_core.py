@@ -166,6 +166,8 @@ def test_load_splits_from_file(tmp_path):
     cfg.eval_split = "dev"
     with pytest.raises(ValueError, match="no split \\['dev'\\]; available: \\['train', 'val'\\]"):
         load_splits(cfg)
+    s = load_splits(dict(source=str(tmp_path / "r.npz"), balanced_sampling="sqrt"))
+    assert len(s["train"]) == 8                  # plain dict, pipeline-only fields pass
     cfg.eval_split, cfg.label_space = "val", "mixedwm38"
     with pytest.raises(ValueError, match="label space 'wm811k'"):
         load_splits(cfg)

@@ -96,6 +96,13 @@ def test_balanced_sampling_frequencies():
     assert len(labs) == 1000 and abs((labs == 2).mean() - 1 / 3) < 0.06
     with pytest.raises(ValueError, match="balanced="):
         balanced_ids(y, "weird", 0)
+    with pytest.raises(ValueError, match="balanced='weird'"):
+        image_loader(d, image_size=4, batch_size=10, balanced="weird")
+    plain = image_loader(d, image_size=4, batch_size=100, train=True, balanced="none",
+                         num_epochs=1)
+    assert sorted(np.concatenate([b["index"] for b in plain]).tolist()) == list(range(1000))
+    sq = image_loader(d, image_size=4, batch_size=100, train=True, balanced="sqrt", num_epochs=1)
+    assert 0.02 < (np.concatenate([b["label"] for b in sq]) == 2).mean() < 0.15
 
 
 def test_bad_arguments(ds):

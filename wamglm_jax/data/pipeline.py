@@ -9,7 +9,8 @@ iterator of the returned DataLoader has ``get_state()`` / ``set_state()``: resto
 state yields exactly the batches that followed it.
 
 Class-balanced sampling (``balanced``): the epoch is a fixed, seeded draw with replacement of N
-record ids with weight 1/n_c (``True`` / ``'full'``) or 1/sqrt(n_c) (``'sqrt'``) per record of
+record ids with weight 1/n_c (``True`` / ``'full'``) or 1/sqrt(n_c) (``'sqrt'``; ``False`` /
+``'none'`` = off, as in ``config.data.balanced_sampling``) per record of
 class c (unlabeled records are left out); the sampler then shuffles that list every epoch.
 """
 from __future__ import annotations
@@ -86,6 +87,20 @@ def balanced_ids(labels: np.ndarray, mode, seed: int, num: int | None = None) ->
     return cand[rng.choice(len(cand), size=n, replace=True, p=w / w.sum())]
 
 
+def _balance_mode(b):
+    """False/None/'none'/'false'/'off'/'' -> False; True/'true'/'full' -> 'full'; 'sqrt'."""
+    if isinstance(b, str):
+        k = b.strip().lower()
+        if k in ("", "none", "false", "off", "0"):
+            return False
+        if k in ("true", "full", "balanced", "1"):
+            return "full"
+        if k == "sqrt":
+            return "sqrt"
+        raise ValueError(f"balanced={b!r}: expected 'none', 'full' or 'sqrt'")
+    return "full" if b else False
+
+
 class ToImage(gp.MapTransform):
     """Eval transform: one image, no augmentation."""
 
@@ -149,6 +164,7 @@ def image_loader(dataset, *, image_size: int, batch_size: int, num_views: int = 
     source = WaferSource(dataset) if isinstance(dataset, WaferDataset) else _Remapped(dataset)
     if len(source) == 0:
         raise ValueError("image_loader: the dataset is empty")
+    balanced = _balance_mode(balanced)
     if balanced:
         source = _Remapped(source, balanced_ids(source_labels(source), balanced, seed))
     if num_epochs is None and not train:

@@ -25,7 +25,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.num_test = 2_000
     c.seed = 0
     c.balance = "balanced"        # synthetic class frequencies: 'balanced' | 'wm811k'
-    c.balanced_sampling = False   # pipeline: False | True/'full' | 'sqrt'
+    c.balanced_sampling = "none"  # pipeline: 'none' | 'full' (1/n_c) | 'sqrt' (1/sqrt(n_c))
     c.train_split = "train"       # split names in a real file
     c.eval_split = "val"
     c.test_split = "test"
@@ -43,9 +43,11 @@ def synthetic_split(data_cfg, name: str, num: int) -> WaferDataset:
 
 def load_splits(data_cfg) -> dict[str, WaferDataset | None]:
     """{'train': WaferDataset, 'val': WaferDataset, 'test': WaferDataset or None}."""
-    cfg = default_data_config()
-    cfg.update(dict(data_cfg) if not isinstance(data_cfg, ml_collections.ConfigDict)
-               else data_cfg.to_dict())
+    given = data_cfg.to_dict() if isinstance(data_cfg, ml_collections.ConfigDict) \
+        else dict(data_cfg)
+    # Plain merge (no ConfigDict type check): fields the data layer does not use here, such
+    # as balanced_sampling (bool or str), pass through untouched.
+    cfg = ml_collections.ConfigDict({**default_data_config().to_dict(), **given})
     if cfg.source == "synthetic":
         return {"train": synthetic_split(cfg, "train", cfg.num_train),
                 "val": synthetic_split(cfg, "val", cfg.num_val),
