@@ -224,6 +224,8 @@ def _render(b: _Batch, types: list[frozenset], rho, flat, ang, bg, rng) -> np.nd
 def _lot_shapes(num_lots, rng, shapes):
     if shapes is not None:
         arr = np.asarray(shapes, int).reshape(-1, 2)
+        if len(arr) == 0 or arr.min() < 3 or arr.max() > 999:
+            raise ValueError(f"shapes={shapes!r}: expected (H, W) grids with 3 <= H, W <= 999")
         return [tuple(map(int, arr[i])) for i in rng.integers(0, len(arr), num_lots)]
     common = list(COMMON_SHAPES)
     wc = np.array([COMMON_SHAPES[s] for s in common])
@@ -264,11 +266,11 @@ def generate(num: int, seed: int = 0, label_space: str = "wm811k", balance="bala
     key = np.where(rng.random(num) < 0.75, labels, rng.integers(0, len(names), num))
     order = np.argsort(key * 2.0 + rng.random(num) * 0.5, kind="stable")
     labels = labels[order]
-    sizes = []
-    while sum(sizes) < num:
-        sizes.append(int(rng.integers(8, 26)))
-    sizes[-1] -= sum(sizes) - num
-    sizes = [s for s in sizes if s > 0]
+    sizes = rng.integers(8, 26, num // 8 + 1)               # wafers per lot (>= enough)
+    nlots = int(np.searchsorted(np.cumsum(sizes), num)) + 1 if num else 0
+    sizes = sizes[:nlots]
+    if nlots:
+        sizes[-1] -= int(sizes.sum()) - num
     lot_of = np.repeat(np.arange(len(sizes)), sizes)
     lot_grid = _lot_shapes(len(sizes), rng, shapes)
     lot_ang = rng.uniform(-np.pi, np.pi, len(sizes))
