@@ -62,6 +62,7 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
         batch_size=16,              # global batch of dialogues
         max_len=512,                # tokens per dialogue (<= model.lm.max_seq_len)
         per_map=1,                  # dialogues per training map
+        max_per_class=0,            # > 0: at most this many training maps per class (seeded)
         eval_heldout_fraction=0.5,  # val/test dialogues with held-out phrasings/orders
         vocab_size=1024,            # tokenizer training
         tokenizer_dir="",           # a pretrained HF tokenizer instead of training one
@@ -127,6 +128,19 @@ def model_config_for(config, tok) -> ml_collections.ConfigDict:
     cfg.image_token_id = image_token_id(tok)
     cfg.lm.vocab_size = max(int(cfg.lm.vocab_size), shd.pad_vocab(len(tok)))
     return cfg
+
+
+def capped_indices(labels, cap: int, seed: int):
+    """None (all maps) when cap <= 0; else at most `cap` random maps of each class, sorted."""
+    if cap <= 0:
+        return None
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in np.unique(labels[labels >= 0]):
+        idx = np.flatnonzero(labels == c)
+        out.extend(rng.permutation(idx)[:cap].tolist())
+    return sorted(out)
 
 
 def describe_items(items):
@@ -336,7 +350,9 @@ def run(config, workdir, mesh=None) -> dict:
     splits = load_splits(config.data)
     seed = int(config.seed)
     items = {"train": build_dialogues(splits["train"], seed=seed, per_map=int(s2.per_map),
-                                      heldout=False, kb=kb, id_prefix="train-")}
+                                      heldout=False, kb=kb, id_prefix="train-",
+                                      indices=capped_indices(splits["train"].labels,
+                                                             int(s2.max_per_class), seed))}
     for k, name in enumerate(("val", "test")):
         if splits.get(name) is not None:
             items[name] = build_dialogues(splits[name], seed=seed + 17 + k, per_map=1,
