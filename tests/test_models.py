@@ -283,5 +283,8 @@ def test_bad_config_errors():
     with pytest.raises(ValueError, match="num_kv_heads"):
         Decoder(small_cfg(**{"lm.num_kv_heads": 3})).init(jax.random.key(0),
                                                            np.zeros((1, 4), np.int32))
+    with pytest.raises(ValueError, match="image_token_id=97 is outside the vocabulary"):
+        cfg = small_cfg(image_token_id=97)
+        init_model(cfg)
     with pytest.raises(ValueError, match="images shape"):
         VisionTransformer(small_cfg()).init(jax.random.key(0), np.zeros((1, 8, 8, 3)))

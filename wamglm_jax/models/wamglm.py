@@ -85,13 +85,18 @@ class WamGLM(nn.Module):
     config: Any          # config.model
 
     def setup(self):
+        tid, v = self.config.image_token_id, self.config.lm.vocab_size
+        if not 0 <= tid < v:
+            raise ValueError(f"config.model.image_token_id={tid} is outside the vocabulary "
+                             f"[0, lm.vocab_size={v})")
         self.vision = VisionTransformer(self.config)
         self.projector = Projector(self.config)
         self.lm = Decoder(self.config)
 
     def __call__(self, images, tokens, attention_mask, positions=None):
         """images float[B,S,S,3], tokens int32[B,T], attention_mask int32[B,T] ->
-        logits float32[B,T,V]. images=None: text only (no image tokens allowed)."""
+        logits float32[B,T,V]. images=None: text only (no image tokens allowed).
+        positions int32[B,T] default to cumsum(attention_mask) - 1 (clipped at 0)."""
         embeds = self.embed_inputs(images, tokens)
         hidden, _ = self.lm.hidden_states(embeds, attention_mask, positions)
         return self.lm.logits(hidden)
