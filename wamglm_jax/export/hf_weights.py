@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import re
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -92,8 +93,9 @@ def _flatten(tree, prefix=()):
 
 def tower_to_hf(tower_params, tower: str) -> dict[str, np.ndarray]:
     """One tower's params (unrolled or scanned) -> {HF name relative to the tower: array}."""
+    tree = flax.core.unfreeze(nn.unbox(tower_params))     # accepts boxed / frozen trees too
     out = {}
-    for path, x in _flatten(unstack_layers(tower_params)):
+    for path, x in _flatten(unstack_layers(tree)):
         name, kind = _hf_name(tower, path)
         x = np.asarray(jax.device_get(x), np.float32)
         if path[-1] == "bias" and x.ndim > 1:
