@@ -286,5 +286,9 @@ def test_bad_config_errors():
     with pytest.raises(ValueError, match="image_token_id=97 is outside the vocabulary"):
         cfg = small_cfg(image_token_id=97)
         init_model(cfg)
+    with pytest.raises(ValueError, match="remat='some'"):
+        init_model(small_cfg(remat="some"))
+    with pytest.raises(ValueError, match="dtype='float16'"):
+        init_model(small_cfg(dtype="float16"))
     with pytest.raises(ValueError, match="images shape"):
         VisionTransformer(small_cfg()).init(jax.random.key(0), np.zeros((1, 8, 8, 3)))
