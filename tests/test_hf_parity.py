@@ -10,7 +10,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from configs import presets  # noqa: E402
 from wamglm_jax.export import hf_weights  # noqa: E402

@@ -1,9 +1,11 @@
 """Parameter-name and layout mapping between WamGLM (JAX) and Hugging Face (PyTorch) weights.
 
 Per tower (names relative to the HF module):
-    'vision'    <-> SiglipVisionModel.vision_model   (embeddings.*, encoder.layers.N.*, post_layernorm.*)
-    'projector' <-> LlavaMultiModalProjector          (linear_1.*, linear_2.*)
-    'lm'        <-> LlamaForCausalLM                  (model.embed_tokens, model.layers.N.*, model.norm, lm_head)
+    'vision'    <-> SiglipVisionModel.vision_model
+                    (embeddings.*, encoder.layers.N.*, post_layernorm.*)
+    'projector' <-> LlavaMultiModalProjector (linear_1.*, linear_2.*)
+    'lm'        <-> LlamaForCausalLM
+                    (model.embed_tokens, model.layers.N.*, model.norm, lm_head)
 Whole model: `to_hf(params, cfg, layout)` / `from_hf(state_dict, cfg)` with layout
     "classic": vision_tower.vision_model.*, multi_modal_projector.*, language_model.model.*,
                language_model.lm_head.weight  (loads in transformers 4.5x, 5.x and vLLM)

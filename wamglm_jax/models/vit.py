@@ -1,4 +1,4 @@
-"""SigLIP-compatible vision transformer (Hugging Face `SiglipVisionModel`, no attention-pooling head).
+"""SigLIP-compatible ViT (Hugging Face `SiglipVisionModel`, no attention-pooling head).
 
     images float[B,S,S,C] -> patch conv (stride P, HWIO kernel) + learned position embeddings
     -> num_layers pre-LN blocks (layer_norm1, self_attn, layer_norm2, mlp with tanh GELU)

@@ -1,4 +1,4 @@
-"""WamGLM: SigLIP-style ViT -> LLaVA projector -> Llama-style decoder (HF `LlavaForConditionalGeneration` layout).
+"""WamGLM: SigLIP-style ViT -> LLaVA projector -> Llama-style decoder (HF Llava layout).
 
 Params: {'vision': VisionTransformer, 'projector': Projector, 'lm': Decoder}.
 
