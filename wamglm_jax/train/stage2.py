@@ -465,7 +465,9 @@ def evaluate_and_report(*, config, s2, workdir, stage_dir, mesh, rules, model_cf
 
     ev = s2.eval
     split = ev.split if ev.split in items else "val"
-    eval_items = items[split][:int(ev.num_maps)]
+    pool = items[split]
+    pick = np.random.default_rng(int(config.seed) + 99).permutation(len(pool))[:int(ev.num_maps)]
+    eval_items = [pool[i] for i in sorted(pick)]        # a seeded random sample of the split
     ndev = shd.axis_size(mesh, shd.BATCH_AXES)
     bs = -(-int(ev.batch_size) // ndev) * ndev
     summary, records = qa_eval.evaluate_model(
