@@ -50,7 +50,9 @@ def default_stage1_config(**overrides) -> ml_collections.ConfigDict:
         temperature=0.08,
         proj_dim=256,
         class_weighting="none",     # CE class weights from train counts: none | sqrt | full
-        tta=False,                  # evaluation: average softmax over the 8 dihedral views
+        tta=False,                  # final evaluation: average softmax over the 8 dihedral views
+                                    # (model selection during training never uses TTA)
+        loader_workers=0,           # grain worker processes for the train loader (0 = in-process)
         report_split="test",        # top-level metrics of the report (falls back to val)
         embedding_method="pca",     # pca | tsne (feature plot with prototypes)
         embedding_points=2000,
@@ -206,11 +208,13 @@ def predict(model, variables, dataset, *, image_size: int, batch_size: int, mesh
 
 def evaluate_split(model, variables, dataset, class_names, *, image_size, batch_size, mesh,
                    rules=(), tta=False, out_dir=None, split="val", embedding=None,
-                   embedding_points=2000):
+                   embedding_points=2000, pred=None):
     """Metrics (classification_metrics) of one split; with out_dir, writes
-    confusion_<split>.png (and embedding_<split>.png when `embedding` is 'pca'/'tsne')."""
-    pred = predict(model, variables, dataset, image_size=image_size, batch_size=batch_size,
-                   mesh=mesh, rules=rules, tta=tta)
+    confusion_<split>.png (and embedding_<split>.png when `embedding` is 'pca'/'tsne').
+    `pred`: predictions of these very variables on `dataset` (skips the forward passes)."""
+    if pred is None:
+        pred = predict(model, variables, dataset, image_size=image_size, batch_size=batch_size,
+                       mesh=mesh, rules=rules, tta=tta)
     labelled = pred["labels"] >= 0
     if not labelled.any():
         raise ValueError(f"split {split!r} has no labelled maps to evaluate")
@@ -314,7 +318,13 @@ def run(config, workdir, mesh=None) -> dict:
         (stage_dir / "config.json").write_text(
             ml_collections.ConfigDict(config.to_dict()).to_json_best_effort(indent=2, sort_keys=True))
 
-    splits = load_splits(config.data)
+    data_cfg = config.data.to_dict()
+    # The sampling mode is the pipeline's business (and may be a str where the data defaults
+    # declare a bool): keep it out of load_splits' type-checked defaults.
+    balanced = data_cfg.pop("balanced_sampling", False)
+    if isinstance(balanced, str) and balanced.lower() in ("", "none", "false", "off"):
+        balanced = False
+    splits = load_splits(data_cfg)
     train, val, test = splits["train"], splits["val"], splits.get("test")
     class_names = list(train.class_names)
     num_classes = len(class_names)
@@ -324,20 +334,23 @@ def run(config, workdir, mesh=None) -> dict:
     logging.info("stage1: train %d maps, val %d, test %s; %d classes; batch %d x 3 views",
                  len(train), len(val), "none" if test is None else len(test), num_classes,
                  s1.batch_size)
-    balanced = config.data.get("balanced_sampling", False)
     loader = image_loader(train, image_size=image_size, batch_size=s1.batch_size // nproc,
                           num_views=3, train=True, seed=int(config.data.get("seed", config.seed)),
-                          balanced=balanced)
+                          balanced=balanced, worker_count=int(s1.loader_workers))
     cw = class_weights(np.asarray(train.labels), num_classes, s1.class_weighting)
     model = build_model(config, num_classes, s1)
     state, schedule = init_state(config, model, mesh, s1, rules)
     nparams = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     logging.info("stage1: Stage1Model with %.2fM parameters", nparams / 1e6)
 
+    last_val = {}       # step -> (metrics, predictions) of the latest in-training val eval
+
     def eval_fn(st, step):
-        m, _ = evaluate_split(model, {"params": st.params, "batch_stats": st.batch_stats}, val,
-                              class_names, image_size=image_size, batch_size=s1.eval_batch_size,
-                              mesh=mesh, rules=rules, tta=s1.tta)
+        m, pred = evaluate_split(model, {"params": st.params, "batch_stats": st.batch_stats},
+                                 val, class_names, image_size=image_size,
+                                 batch_size=s1.eval_batch_size, mesh=mesh, rules=rules, tta=False)
+        last_val.clear()
+        last_val[step] = pred
         return {"val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"]}
 
     t_loop = time.time()
@@ -351,23 +364,27 @@ def run(config, workdir, mesh=None) -> dict:
     # Model selection on val only: the best params (if any) else the final ones.
     variables = {"params": result.state.params, "batch_stats": result.state.batch_stats}
     selected = f"final (step {result.step})"
+    selected_step = result.step
     if result.best_step is not None:
         keeper = ckpt.BestKeeper(stage_dir / "best", mode=s1.loop.select_mode)
         best = keeper.restore(result.state.replace(**ckpt.abstract_like(result.state.to_checkpoint())))
         keeper.close()
         variables = {"params": best.params, "batch_stats": best.batch_stats}
         selected = f"best on val {s1.loop.select_metric}={result.best_score:.4f} at step {result.best_step}"
+        selected_step = result.best_step
     logging.info("stage1: evaluating the %s params", selected)
     t_eval = time.time()
     per_split = {}
     for name, ds in (("val", val), ("test", test)):
         if ds is None:
             continue
+        # The val predictions of the selected step were just made in training: reuse them.
+        cached = last_val.get(selected_step) if name == "val" and not s1.tta else None
         m, _ = evaluate_split(model, variables, ds, class_names, image_size=image_size,
                               batch_size=s1.eval_batch_size, mesh=mesh, rules=rules, tta=s1.tta,
                               out_dir=stage_dir, split=name,
                               embedding=s1.embedding_method if name == "val" else None,
-                              embedding_points=s1.embedding_points)
+                              embedding_points=s1.embedding_points, pred=cached)
         per_split[name] = m
         logging.info("stage1 %s: accuracy %.4f macro_f1 %.4f (%d maps%s)", name, m["accuracy"],
                      m["macro_f1"], m["num_examples"], ", 8-view TTA" if s1.tta else "")
