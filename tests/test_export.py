@@ -41,15 +41,16 @@ def tiny_cfg(tie=False):
 
 
 def random_params(cfg, seed=0):
-    """Init, then every leaf re-drawn (biases and norm scales non-trivial)."""
+    """The WamGLM parameter tree (shapes from eval_shape) filled with random numbers: every
+    weight, bias and norm scale non-trivial (numpy, so no per-leaf compilation)."""
     n = num_image_tokens(cfg)
-    p = nn.unbox(WamGLM(cfg).init(jax.random.key(seed), jnp.zeros((1, 16, 16, 3)),
-                                  jnp.full((1, n), cfg.image_token_id), jnp.ones((1, n)))["params"])
-    leaves, tdef = jax.tree.flatten(p)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    new = [np.asarray(x + 0.2 * jax.random.normal(k, x.shape), np.float32)
-           for x, k in zip(leaves, keys)]
-    return jax.tree.unflatten(tdef, new)
+    shapes = jax.eval_shape(lambda: nn.unbox(WamGLM(cfg).init(
+        jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.full((1, n), cfg.image_token_id),
+        jnp.ones((1, n)))["params"]))
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: ((1.0 if str(getattr(path[-1], "key", "")) == "scale" else 0.0)
+                         + 0.2 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +68,16 @@ def stage2_workdir(tmp_path_factory, tokenizer_dir):
     cfg = tiny_cfg()
     params = random_params(cfg)
     lo = lora_lib.init_lora(params, 4, 8.0, r"^lm/.*(q_proj|down_proj)", jax.random.key(3))
-    lo = jax.tree.map(lambda x: x + 0.3, lo)                 # B != 0: merging matters
+    rng = np.random.default_rng(3)                           # B != 0: merging matters
+    lo = jax.tree.map(lambda x: np.asarray(x + 0.1 * rng.standard_normal(x.shape), np.float32),
+                      lo)
     state = TrainState.create(params=dict(params, lora=lo), tx=optax.adamw(1e-3),
                               rng=jax.random.PRNGKey(0))
+    ck = Checkpointer(wd / "stage2" / "checkpoints", save_every=1, async_save=False)
     for step in (4, 7):
-        ck = Checkpointer(wd / "stage2" / "checkpoints", save_every=1)
         ck.save(step, state.replace(step=jnp.asarray(step)), {"epoch": 0, "pos": step},
                 force=True)
-        ck.close()
+    ck.close()
     (wd / "stage2" / "model_config.json").write_text(json.dumps(
         dict(model=cfg.to_dict(), tokenizer=tokenizer_dir, lora_alpha=8.0)))
     merged = lora_lib.apply_lora(params, lo, 8.0)
@@ -114,16 +117,23 @@ def test_convert_stage2_checkpoint_round_trip(stage2_workdir, tmp_path, capsys):
     ids = enc["input_ids"][0]
     assert (ids == 3).sum() == num_image_tokens(cfg) and ids[0] == proc.tokenizer.bos_token_id
     ref = torch_logits(model.eval(), ids, enc["pixel_values"].astype(np.float32))
-    got = np.asarray(WamGLM(cfg).apply({"params": merged}, image[None], ids[None].astype(np.int32),
-                                       np.ones((1, len(ids)), np.int32)))[0]
+    fwd = jax.jit(lambda p: WamGLM(cfg).apply({"params": p}, image[None],
+                                              ids[None].astype(np.int32),
+                                              np.ones((1, len(ids)), np.int32))[0])
+    got = np.asarray(fwd(merged))
     assert np.abs(got - ref).max() < TOL
     assert (got.argmax(-1) == ref.argmax(-1)).all()
     # Without the merge the logits differ clearly (the adapters were exported).
-    unmerged = np.asarray(WamGLM(cfg).apply({"params": plain}, image[None],
-                                            ids[None].astype(np.int32),
-                                            np.ones((1, len(ids)), np.int32)))[0]
+    unmerged = np.asarray(fwd(plain))
     assert np.abs(unmerged - ref).max() > 1e-2
 
+    # 4.x layout of the processor files: image processor in preprocessor_config.json.
+    pre = json.load(open(os.path.join(out, "preprocessor_config.json")))
+    assert pre["image_processor_type"] == "SiglipImageProcessor"
+    assert not (pre["do_resize"] or pre["do_rescale"] or pre["do_normalize"])
+    pc = json.load(open(os.path.join(out, "processor_config.json")))
+    assert "image_processor" not in pc and pc["patch_size"] == 4
+    assert pc["vision_feature_select_strategy"] == "full" and pc["num_additional_image_tokens"] == 0
     # tokenizer_config readable by transformers 4.x; generation config ids.
     tc = json.load(open(os.path.join(out, "tokenizer_config.json")))
     assert tc["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in tc

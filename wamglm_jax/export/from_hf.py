@@ -172,14 +172,22 @@ def model_config_from_hf(base_cfg, *, llava: dict | None = None, vision: dict | 
 
 
 # ----------------------------------------------------------------------------- params
-def init_params(cfg, seed: int = 0):
-    from wamglm_jax.models.wamglm import WamGLM, num_image_tokens
-    n, s = num_image_tokens(cfg), cfg.vit.image_size
-    tokens = jnp.full((1, n), cfg.image_token_id, jnp.int32)
-    p = jax.jit(lambda k: WamGLM(cfg).init(k, jnp.zeros((1, s, s, cfg.vit.num_channels)),
-                                           tokens, jnp.ones_like(tokens))["params"])(
-        jax.random.key(seed))
-    return jax.tree.map(np.asarray, nn.unbox(p))
+def init_towers(cfg, towers, seed: int = 0) -> dict:
+    """Fresh params of the given towers ('vision', 'projector', 'lm'), each initialised by its
+    own module (the same trees WamGLM builds; no whole-model init for towers replaced anyway)."""
+    from wamglm_jax.models import Decoder, Projector, VisionTransformer
+    from wamglm_jax.models.wamglm import num_image_tokens
+    s, n = cfg.vit.image_size, num_image_tokens(cfg)
+    inputs = {"vision": (VisionTransformer, jnp.zeros((1, s, s, cfg.vit.num_channels))),
+              "projector": (Projector, jnp.zeros((1, n, cfg.vit.hidden_size))),
+              "lm": (Decoder, jnp.zeros((1, 2), jnp.int32))}
+    out = {}
+    for i, tower in enumerate(("vision", "projector", "lm")):
+        if tower in towers:
+            module, x = inputs[tower]
+            p = module(cfg).init(jax.random.fold_in(jax.random.key(seed), i), x)["params"]
+            out[tower] = jax.tree.map(np.asarray, nn.unbox(p))
+    return out
 
 
 def import_pretrained(base_cfg, *, llava: str | None = None, vision: str | None = None,
@@ -202,7 +210,8 @@ def import_pretrained(base_cfg, *, llava: str | None = None, vision: str | None 
             raise ImportHFError(f"{llava}: {e}") from None
         info["imported"] = ["vision", "projector", "lm"]
         return params, cfg, info
-    params = init_params(cfg, seed)
+    params = init_towers(cfg, [t for t, p in (("vision", vision), ("projector", None),
+                                               ("lm", lm)) if not p], seed)
     for tower, path in (("vision", vision), ("lm", lm)):
         if not path:
             info["initialised"].append(tower)

@@ -104,8 +104,25 @@ def write_tokenizer_and_processor(out_dir: str, cfg, tokenizer_dir: str):
                           vision_feature_select_strategy="full", image_token=IMAGE,
                           num_additional_image_tokens=0, chat_template=tok.chat_template)
     proc.save_pretrained(out_dir)
+    _legacy_processor_files(out_dir)
     save_tokenizer(tok, out_dir)       # rewrite tokenizer_config.json in the 4.x+5.x form
     return tok
+
+
+def _legacy_processor_files(out_dir: str):
+    """transformers 5.x nests the image processor inside processor_config.json; 4.x (and vLLM
+    on it) read it from preprocessor_config.json. Write the 4.x layout, which 5.x also loads."""
+    path = os.path.join(out_dir, "processor_config.json")
+    with open(path) as f:
+        pc = json.load(f)
+    ip = pc.pop("image_processor", None)
+    if ip is not None:
+        ip["image_processor_type"] = "SiglipImageProcessor"
+        ip["processor_class"] = "LlavaProcessor"
+        with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+            json.dump(ip, f, indent=2, sort_keys=True)
+        with open(path, "w") as f:
+            json.dump(pc, f, indent=2, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- export
@@ -281,6 +298,8 @@ def verify(out_dir: str, params, cfg, *, new_tokens: int = 8, seed: int = 0) -> 
         image, ids = sample_inputs(cfg, None, seed)
         pv = image.transpose(2, 0, 1)[None]
     jparams = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.dtype, cfg.remat = "float32", "none"          # the parity check is in fp32
     with jax.default_matmul_precision("highest"):
         jlogits, jgreedy = _jax_greedy(jparams, cfg, image, ids, new_tokens)
     tids = torch.from_numpy(ids[None].astype(np.int64))
