@@ -301,3 +301,26 @@ def test_batch_answers_all_cases():
         assert new["answer_key"][0]["value"] == loops_lot(ds, i)
         assert new["messages"][1]["content"].startswith(text)
         assert parse_answer("batch", new["messages"][1]["content"]) == loops_lot(ds, i)
+
+
+def test_single_pattern_map_without_failing_dies():
+    """A map labelled Edge-Loc / Loc / Scratch whose dies are all good: every kind renders
+    (no invented location) and matches the loop recomputation."""
+    m, _, _ = disc(15, 15)
+    plans = [("location", "type_location", "zone_extent", "count", "yield", "area"),
+             ("defect_type", "severity", "batch")]
+    for label in (2, 4, 7):                       # Edge-Loc, Loc, Scratch
+        ds = WaferDataset(maps=[m], labels=np.array([label]), label_space="wm811k",
+                          meta=[dict(lot=None, wafer_index=None, die_size=None)])
+        it = build_dialogues(ds, seed=0)[0]
+        for kinds in plans:
+            plan = [{"kind": k, "q": 0, "zone": "edge", "pattern": WM811K_CLASSES[label]}
+                    for k in kinds]
+            new, _ = transform_item(dict(it, plan=plan), m, 0, False)
+            check_items(ds, [dict(new, plan=plan)])
+        ask = [{"kind": "type_location", "q": 0, "zone": None, "pattern": WM811K_CLASSES[label]}]
+        tl, _ = transform_item(dict(it, plan=ask), m, 0, False)
+        if label != 2:
+            assert tl["answer_key"][0]["value"] == {"pattern": WM811K_CLASSES[label],
+                                                    "present": True, "zones": [], "side": None}
+            assert "no failing dies" in tl["messages"][1]["content"]

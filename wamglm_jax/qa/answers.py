@@ -9,7 +9,8 @@ Kinds and their values (the `value` of an answer_key entry):
   location      {"zones": list[str] (center/middle/edge, or ["spread"], [] = no failing die),
                  "side": "upper-left"|...|"upper"|"lower"|"left"|"right"|"none"|None}
   type_location {"pattern": str, "present": bool, "zones": list[str] | None (None = cannot
-                 tell), "side": str | None ("all around" for Edge-Ring)}  (facts.type_location)
+                 tell, [] = no failing die), "side": str | None ("all around" for Edge-Ring)}
+                 (facts.type_location)
   zone_extent   {"zone": str, "failing": int, "total": int}
   count         {"failing": int, "total": int}
   yield         {"yield_pct": float}
@@ -109,6 +110,8 @@ def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None) -> str
         if value["zones"] is None:
             return (f"{CANNOT_TELL} exactly where the {p} pattern is, because it overlaps the "
                     "other patterns.")
+        if not value["zones"]:          # the map's only pattern, but no failing die at all
+            return f"The {p} pattern shows no failing dies on this map."
         if value["side"] == "all around":
             return f"The {p} pattern runs all around the edge."
         if value["zones"] == ["spread"] and value["side"] is None:
@@ -202,6 +205,8 @@ def parse_answer(kind: str, text: str, kb: KnowledgeBase | None = None) -> Any:
             return {"pattern": p, "present": False, "zones": None, "side": None}
         if "cannot tell" in t:
             return {"pattern": p, "present": True, "zones": None, "side": None}
+        if "no failing" in t:
+            return {"pattern": p, "present": True, "zones": [], "side": None}
         if "all around" in t:
             return {"pattern": p, "present": True, "zones": ["edge"], "side": "all around"}
         if "whole wafer" in t:

@@ -117,8 +117,8 @@ def type_location(m: np.ndarray, pattern: str, types: Sequence[str], facts: dict
     Rules: absent pattern -> present False. By the pattern's definition: Center -> [center],
     Donut -> [middle], Edge-Ring -> [edge] with side "all around", Near-full and Random ->
     [spread]. Computed from the map: Edge-Loc -> [edge] with the side of the failing dies in the
-    edge zone; Loc and Scratch -> the map's own location when it is the map's only pattern,
-    otherwise None (they overlap the other patterns, so their position cannot be told apart).
+    edge zone; Loc and Scratch -> the map's own location when it is the map's only pattern
+    ([] with side None if the map has no failing die), otherwise None (they overlap the other patterns, so their position cannot be told apart).
     """
     if pattern not in types:
         return {"pattern": pattern, "present": False, "zones": None, "side": None}
