@@ -241,3 +241,44 @@ def test_rules_from_config():
         sharding.rules_from_config([("batch", "data"), ("embed",)])
     with pytest.raises(sharding.ShardingError, match=r"mesh axis must be a str"):
         sharding.rules_from_config([("embed", 3)])
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_every_param_annotated_and_scan_stack_shards(scan):
+    """Every WamGLM parameter carries logical names (one per dim; nothing silently
+    replicated), scanned stacks lead with 'layers', and a scanned model's params and
+    activation constraints map onto a (2,2,2) mesh (shape-only + lowering, no compile)."""
+    cfg = _cfg()
+    cfg.vit.num_layers = cfg.lm.num_layers = 2
+    cfg.scan_layers = scan
+    model = WamGLM(config=cfg)
+    batch = _batch(cfg)
+    mesh = mesh_lib.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    rules = sharding.rules_from_config(SHARDING_RULES)
+    with sharding.activate(mesh, rules):
+        boxed = sharding.abstract_init(model, jax.random.key(0), batch["image"], batch["tokens"],
+                                       batch["mask"])["params"]
+        sharding.check_shardable(boxed, mesh, rules)
+        shs = sharding.shardings_of(boxed, mesh, rules)
+    leaves = jax.tree_util.tree_flatten_with_path(
+        boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))[0]
+    assert len(leaves) > 20
+    for (path, leaf), sh in zip(leaves, jax.tree.leaves(shs)):
+        name = jax.tree_util.keystr(path)
+        assert isinstance(leaf, nn.Partitioned), name
+        names = leaf.names
+        assert len(names) == leaf.value.ndim, (name, names, leaf.value.shape)
+        if "'layers'" in name:      # a scanned stack (only exists with scan_layers)
+            assert names[0] == "layers" and sh.spec[0] is None, (name, names, sh.spec)
+        if "embed" in names:        # d_model dims of weights are FSDP-sharded
+            assert sh.spec[names.index("embed")] == "fsdp", (name, sh.spec)
+    n_stacked = sum("'layers'" in jax.tree_util.keystr(p) for p, _ in leaves)
+    assert (n_stacked > 0) == scan
+    if scan:
+        with sharding.activate(mesh, rules):
+            hlo = jax.jit(lambda p, b: model.apply({"params": p}, b["image"], b["tokens"],
+                                                   b["mask"])).lower(
+                sharding.unbox_values(boxed), batch).as_text()
+        constraints = [l for l in hlo.splitlines() if "sdy.sharding_constraint" in l]
+        assert any('[{"data", "fsdp"}' in l for l in constraints)
+        assert any('{"tensor"}' in l for l in constraints)
