@@ -58,11 +58,13 @@ def test_config_loads_in_transformers_4_and_5(built):
 
 
 def test_llava_processor_matches_encode(built, tmp_path):
-    from transformers import AutoProcessor, LlavaProcessor, SiglipImageProcessor
+    from transformers import AutoProcessor, AutoTokenizer, LlavaProcessor, SiglipImageProcessor
     tok, d, items = built
     ip = SiglipImageProcessor(do_resize=False, size={"height": 16, "width": 16},
                               do_rescale=False, do_normalize=False)
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=4,
+    # the saved directory, as a user loads it (not the in-memory tokenizer)
+    proc = LlavaProcessor(image_processor=ip, tokenizer=AutoTokenizer.from_pretrained(d),
+                          patch_size=4,
                           vision_feature_select_strategy="full", image_token="<image>",
                           num_additional_image_tokens=0, chat_template=tok.chat_template)
     proc.save_pretrained(str(tmp_path / "proc"))
@@ -159,6 +161,10 @@ def test_pretrained_dir_template(built, tmp_path):
     msgs = [{"role": "user", "content": "<image>\nQ?"}, {"role": "assistant", "content": "A."}]
     assert t2.apply_chat_template(msgs, tokenize=False) == t.apply_chat_template(msgs,
                                                                                  tokenize=False)
+    # other jinja spellings of the marks are accepted (the probe dialogue then checks them)
+    tight = CHAT_TEMPLATE.replace("{% generation %}", "{%generation%}").replace(
+        "{% endgeneration %}", "{%- endgeneration %}")
+    assert load_tokenizer(str(tmp_path / "pre"), chat_template=tight).chat_template == tight
     with pytest.raises(TokenizerError, match="not found"):
         load_tokenizer(str(tmp_path / "missing"))
 

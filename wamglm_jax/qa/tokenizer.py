@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Iterable
 
 from wamglm_jax.qa.knowledge_base import KnowledgeBase, load_knowledge_base
@@ -45,6 +46,9 @@ PROBE = [{"role": "user", "content": "<image>\nWhat is this?"},
          {"role": "assistant", "content": "A probe answer."},
          {"role": "user", "content": "And then?"},
          {"role": "assistant", "content": "Another answer."}]
+
+
+_GENERATION_MARK = re.compile(r"{%[-+]?\s*generation\s*[-+]?%}")   # any jinja spacing/trim form
 
 
 class TokenizerError(ValueError):
@@ -117,7 +121,7 @@ def load_tokenizer(path: str, chat_template: str | None = None):
     if not tok.chat_template:
         raise TokenizerError(f"{path}: the tokenizer has no chat template; pass one (with "
                              "{% generation %} marks around assistant turns)")
-    if "{% generation %}" not in tok.chat_template and "{%- generation %}" not in tok.chat_template:
+    if not _GENERATION_MARK.search(tok.chat_template):
         raise TokenizerError(f"{path}: the chat template has no {{% generation %}} marks around "
                              "assistant turns; supply a template that renders the same text "
                              "with them (config chat_template)")
