@@ -308,3 +308,22 @@ def test_import_refusals_are_clear(tmp_path, capsys):
         from_hf.import_pretrained(presets.model_config("tiny"), vision=str(tmp_path / "clip"))
     with pytest.raises(from_hf.ImportHFError, match="not a local directory"):
         from_hf.import_pretrained(presets.model_config("tiny"), lm="meta-llama/Llama-2-7b")
+
+
+def test_convert_verify_fails_on_a_wrong_export(stage2_workdir, tmp_path, monkeypatch, capsys):
+    """--verify is a real check: a weight perturbed on its way to disk makes it exit 1."""
+    from tools import convert_to_hf
+    from wamglm_jax.export import hf_weights
+    wd, _, _, _ = stage2_workdir
+    real = hf_weights.to_hf
+
+    def perturbed(params, cfg, layout="classic"):
+        sd = real(params, cfg, layout)
+        sd["language_model.model.norm.weight"] = sd["language_model.model.norm.weight"] * 1.01
+        return sd
+    monkeypatch.setattr(hf_weights, "to_hf", perturbed)
+    assert convert_to_hf.main(["--workdir", wd, "--output", str(tmp_path / "bad"),
+                               "--verify", "--new_tokens=2"]) == 1
+    out = capsys.readouterr().out
+    res = json.loads(out.strip().splitlines()[-1])
+    assert "FAIL" in out and not res["verify"]["ok"] and res["verify"]["max_abs_logit_diff"] > TOL
