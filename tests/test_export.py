@@ -140,10 +140,18 @@ def test_convert_stage2_checkpoint_round_trip(stage2_workdir, tmp_path, capsys):
     gc = json.load(open(os.path.join(out, "generation_config.json")))
     assert gc["eos_token_id"] == proc.tokenizer.eos_token_id
 
-    # --step selects an older checkpoint; a missing step is a clear error.
+    # --step selects an older checkpoint; small --max_shard_gb writes the sharded layout,
+    # which transformers loads to the same weights; a missing step is a clear error.
     out2 = str(tmp_path / "hf4")
-    assert convert_to_hf.main(["--workdir", wd, "--output", out2, "--step", "4"]) == 0
+    assert convert_to_hf.main(["--workdir", wd, "--output", out2, "--step", "4",
+                               "--max_shard_gb", str(40e3 / 2**30)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4
+    index = json.load(open(os.path.join(out2, "model.safetensors.index.json")))
+    files = set(index["weight_map"].values())
+    assert len(files) > 3 and not os.path.exists(os.path.join(out2, "model.safetensors"))
+    sharded = transformers.LlavaForConditionalGeneration.from_pretrained(out2, dtype=torch.float32)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(sharded.state_dict()[k], v, rtol=0, atol=0)
     assert convert_to_hf.main(["--workdir", wd, "--output", str(tmp_path / "x"),
                                "--step", "5"]) == 2
     assert "--step=5: no such checkpoint" in capsys.readouterr().err

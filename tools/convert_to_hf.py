@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("--verify", action="store_true")
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--new_tokens", type=int, default=8, help="greedy tokens compared")
+    ap.add_argument("--max_shard_gb", type=float, default=5.0,
+                    help="split model.safetensors into shards of at most this size")
     args = ap.parse_args(argv)
 
     from wamglm_jax.export import to_hf
@@ -33,10 +35,10 @@ def main(argv=None) -> int:
     try:
         to_hf._check_output(args.output, args.overwrite)      # fail before any restore
         params, cfg, info = to_hf.load_stage2(args.workdir, args.step)
+        prov = {k: info[k] for k in ("source", "step", "lora_merged")}
         out = to_hf.export(params, cfg, args.output, tokenizer_dir=info["tokenizer_dir"],
-                           overwrite=args.overwrite, provenance=dict(source=info["source"],
-                                                                     step=info["step"],
-                                                                     lora_merged=info["lora_merged"]))
+                           overwrite=args.overwrite, provenance=prov,
+                           max_shard_bytes=int(args.max_shard_gb * 2**30))
     except to_hf.ExportError as e:
         print(f"convert_to_hf: error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ The directory holds
   `rope_parameters`, image_token_index/image_token_id, image_seq_length, projector "gelu"
   (exact), vision_feature_layer = config.model.vit.feature_layer, select strategy "full",
   multimodal_projector_bias, tie_word_embeddings.
-- model.safetensors: classic weight names (`vision_tower.vision_model.*`,
+- model.safetensors (sharded with an index above max_shard_bytes, 5 GiB): classic weight names (`vision_tower.vision_model.*`,
   `multi_modal_projector.linear_{1,2}.*`, `language_model.model.*`, `language_model.lm_head`)
   from export/hf_weights.py; transformers 5.x renames them on load (its "llava" key mapping).
 - generation_config.json, tokenizer files (4.x-readable tokenizer_config from
@@ -135,12 +135,39 @@ def _check_output(out_dir: str, overwrite: bool):
                               "to replace it (nothing was written)")
 
 
+def write_safetensors(state_dict: dict, out_dir: str, max_shard_bytes: int = 5 << 30):
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    (the HF sharded layout) when the weights exceed max_shard_bytes."""
+    from safetensors.numpy import save_file
+    shards, cur, size = [], {}, 0
+    for name in sorted(state_dict):
+        nbytes = state_dict[name].nbytes
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = state_dict[name]
+        size += nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = int(sum(x.nbytes for x in state_dict.values()))
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2,
+                  sort_keys=True)
+
+
 def export(params, cfg, out_dir: str, *, tokenizer_dir: str | None = None,
-           overwrite: bool = False, provenance: dict | None = None) -> str:
+           overwrite: bool = False, provenance: dict | None = None,
+           max_shard_bytes: int = 5 << 30) -> str:
     """Write the HF directory (see the module docstring). Everything goes into a temporary
     sibling first and is moved into place at the end, so a failed export leaves no half
     directory and an existing one is only replaced (with overwrite) after a complete write."""
-    from safetensors.numpy import save_file
     from transformers import GenerationConfig
 
     out_dir = os.path.abspath(out_dir)
@@ -159,7 +186,7 @@ def export(params, cfg, out_dir: str, *, tokenizer_dir: str | None = None,
                          pad_token_id=ids["pad_id"]).save_pretrained(tmp)
         host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
         state_dict = hf_weights.to_hf(host, cfg, layout="classic")
-        save_file(state_dict, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(state_dict, tmp, max_shard_bytes)
         info = dict(format="LlavaForConditionalGeneration (classic weight names)",
                     input=INPUT_CONVENTION, model=ml_collections.ConfigDict(cfg).to_dict(),
                     num_parameters=int(sum(x.size for x in state_dict.values())),
