@@ -102,3 +102,47 @@ def test_stacked_layers_get_one_adapter_per_layer():
     for i in range(3):
         want = np.asarray(params["layers"]["mlp"]["kernel"][i]) + np.asarray(a[i]) @ np.asarray(b[i])
         np.testing.assert_allclose(np.asarray(merged[i]), want, atol=1e-6)
+
+
+def test_wamglm_lora_merge_and_adapter_only_training(scan=False):
+    """On the real model (3-D attention kernels, optional nn.scan stacks): unmerged forward ==
+    merged forward, and an optimizer step with trainable=('^lora/',) moves only adapters."""
+    from configs import presets
+    from wamglm_jax.models.wamglm import WamGLM, num_image_tokens
+    from wamglm_jax.train import optim
+    from wamglm_jax.train.stage2 import effective_params, merged_params
+    from wamglm_jax.train.state import TrainState
+
+    cfg = presets.model_config("tiny")
+    cfg.vit.image_size, cfg.lm.vocab_size, cfg.scan_layers = 8, 64, scan
+    model = WamGLM(cfg)
+    n = num_image_tokens(cfg)
+    toks = np.array([[1] + [cfg.image_token_id] * n + [5, 6, 7]] * 2, np.int32)
+    imgs = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3))
+    import flax.linen as nn
+    params = nn.unbox(model.init(jax.random.key(1), imgs, toks, np.ones_like(toks))["params"])
+    lo = lora_lib.init_lora(params, 4, 8.0, r"^lm/.*(q_proj|o_proj|down_proj)|^vision/.*out_proj",
+                            jax.random.key(2), stacked_regex=r"/layers/" if scan else None)
+    full = dict(params, lora=_randomize_b(lo))
+    fwd = jax.jit(lambda p: model.apply({"params": effective_params(p, 8.0)}, imgs, toks,
+                                        np.ones_like(toks)))
+    y_unmerged = fwd(full)
+    y_merged = model.apply({"params": merged_params(full, 8.0)}, imgs, toks, np.ones_like(toks))
+    np.testing.assert_allclose(np.asarray(y_unmerged), np.asarray(y_merged), atol=2e-5, rtol=1e-5)
+    assert np.abs(np.asarray(y_merged) - np.asarray(fwd(dict(params, lora=lo)))).max() > 1e-4
+    # zero-B adapters: identical to the base model
+    np.testing.assert_allclose(np.asarray(fwd(dict(params, lora=lo))),
+                               np.asarray(model.apply({"params": params}, imgs, toks,
+                                                      np.ones_like(toks))), atol=1e-5)
+    ocfg = optim.default_optimizer_config(trainable=("^lora/",), learning_rate=1e-2,
+                                          warmup_steps=0)
+    tx, _ = optim.make_optimizer(ocfg, 10, full)
+    state = TrainState.create(params=full, tx=tx, rng=jax.random.PRNGKey(0))
+    grads = jax.grad(lambda p: jnp.mean(fwd(p) ** 2))(state.params)
+    new = state.apply_gradients(grads).params
+    for k in ("vision", "projector", "lm"):
+        for a, b in zip(jax.tree.leaves(new[k]), jax.tree.leaves(full[k])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new["lora"]),
+                                                         jax.tree.leaves(full["lora"]))]
+    assert min(moved) > 0
