@@ -155,4 +155,34 @@ def test_missing_or_misshapen_weight_is_named():
     sd["post_layernorm.weight"] = np.ones(7, np.float32)
     with pytest.raises(ValueError, match="does not fit JAX shape"):
         hf_weights.tower_from_hf(sd, "vision", cfg)
+    sd["post_layernorm.weight"] = np.ones(32, np.float32)
+    # a deeper checkpoint than config.model (or biases it lacks) is an error, not dropped
+    deeper = dict(sd, **{k.replace("layers.2.", "layers.3."): v for k, v in sd.items()
+                         if k.startswith("encoder.layers.2.")})
+    with pytest.raises(KeyError, match=r"unexpected .*encoder\.layers\.3\."):
+        hf_weights.tower_from_hf(deeper, "vision", cfg)
+    # ... while SigLIP's pooling head and a full SigLIP checkpoint's text tower are skipped
+    full = {f"vision_model.{k}": v for k, v in sd.items()}
+    full.update({"vision_model.head.probe": np.zeros((1, 1, 32)),
+                 "text_model.embeddings.token_embedding.weight": np.zeros((5, 32)),
+                 "logit_scale": np.zeros(1)})
+    got = hf_weights.tower_from_hf(full, "vision", cfg)
+    np.testing.assert_array_equal(got["post_layernorm"]["scale"], np.ones(32))
+    with pytest.raises(KeyError, match=r"outside .*image_newline"):
+        hf_weights.from_hf({"image_newline": np.zeros(3)}, cfg)
+
+
+def test_tied_import_rejects_a_different_lm_head():
+    cfg = cfg_for_parity(**{"lm.tie_embeddings": True})
+    shapes = hf_weights._abstract_params(cfg)["lm"]
+    rng = np.random.default_rng(0)
+    sd = hf_weights.tower_to_hf(jax.tree.map(lambda s: rng.normal(size=s.shape), shapes), "lm")
+    assert "lm_head.weight" not in sd
+    emb = sd["model.embed_tokens.weight"]
+    hf_weights.tower_from_hf(dict(sd, **{"lm_head.weight": emb.copy()}), "lm", cfg)  # tied copy
+    with pytest.raises(ValueError, match="lm_head.weight differs from embed_tokens"):
+        hf_weights.tower_from_hf(dict(sd, **{"lm_head.weight": emb + 1}), "lm", cfg)
+    with pytest.raises(KeyError, match=r"unexpected .*q_proj\.bias"):
+        hf_weights.tower_from_hf(dict(sd, **{"model.layers.0.self_attn.q_proj.bias":
+                                             np.zeros(32)}), "lm", cfg)
 

@@ -124,9 +124,11 @@ def _abstract_params(cfg):
 def tower_from_hf(state_dict, tower: str, cfg, _shapes=None):
     """{HF name relative to the tower: array (numpy or torch)} -> the tower's JAX params
     (stacked if cfg.scan_layers). Raises KeyError naming missing weights."""
-    if tower == "vision":     # SiglipVisionModel names: with or without `vision_model.`
-        state_dict = {k[len("vision_model."):] if k.startswith("vision_model.") else k: v
-                      for k, v in state_dict.items()}
+    if tower == "vision" and any(k.startswith("vision_model.") for k in state_dict):
+        # SiglipVisionModel / full SiglipModel names: keep the vision tower's (a full SigLIP
+        # checkpoint also holds text_model.*, logit_scale, ...).
+        state_dict = {k[len("vision_model."):]: v for k, v in state_dict.items()
+                      if k.startswith("vision_model.")}
     shapes = (_shapes or _abstract_params(cfg))[tower]
     out: dict = {}
     missing = []
@@ -135,8 +137,7 @@ def tower_from_hf(state_dict, tower: str, cfg, _shapes=None):
         if name not in state_dict:
             missing.append(name)
             continue
-        w = state_dict[name]
-        w = w.detach().float().cpu().numpy() if hasattr(w, "detach") else np.asarray(w, np.float32)
+        w = _numpy(state_dict[name])
         node = out
         for p in path[:-1]:
             node = node.setdefault(p, {})
@@ -150,7 +151,38 @@ def tower_from_hf(state_dict, tower: str, cfg, _shapes=None):
     if missing:
         raise KeyError(f"HF {tower} weights missing: {missing[:6]}"
                        + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else ""))
+    _check_unexpected(state_dict, tower, cfg, used={_hf_name(tower, p)[0]
+                                                    for p, _ in _flatten(shapes)})
     return stack_layers(out) if cfg.scan_layers else out
+
+
+def _numpy(w) -> np.ndarray:
+    return w.detach().float().cpu().numpy() if hasattr(w, "detach") else np.asarray(w, np.float32)
+
+
+def _check_unexpected(state_dict, tower: str, cfg, used: set) -> None:
+    """Weights the JAX tower has no place for are an error (a deeper checkpoint, biases the
+    model lacks, an untied lm_head under tie_embeddings), except ones that carry no
+    information for it: SigLIP's attention-pooling `head.*` (Llava never uses it), RoPE
+    `inv_freq` buffers, and with tied embeddings an `lm_head.weight` equal to embed_tokens
+    (HF state dicts list the tied matrix under both names)."""
+    extra = []
+    for name in state_dict:
+        if name in used or name.endswith("rotary_emb.inv_freq") or (
+                tower == "vision" and name.startswith("head.")):
+            continue
+        if tower == "lm" and name == "lm_head.weight" and cfg.lm.tie_embeddings:
+            emb = state_dict.get("model.embed_tokens.weight")
+            if emb is not None and np.array_equal(_numpy(state_dict[name]), _numpy(emb)):
+                continue
+            raise ValueError("HF lm weights: lm_head.weight differs from embed_tokens but "
+                             "config.model.lm.tie_embeddings=True (set it False to import an "
+                             "untied head)")
+        extra.append(name)
+    if extra:
+        raise KeyError(f"HF {tower} weights unexpected (config.model has no place for them; "
+                       f"check num_layers / biases against the HF config): {sorted(extra)[:6]}"
+                       + (f" (+{len(extra) - 6} more)" if len(extra) > 6 else ""))
 
 
 def to_hf(params, cfg, layout: str = "classic") -> dict[str, np.ndarray]:
@@ -185,13 +217,21 @@ _SPLIT = (
 
 
 def _split_towers(state_dict):
-    """Llava state dict in either layout -> {tower: {relative name: array}}."""
+    """Llava state dict in either layout -> {tower: {relative name: array}}. A name outside
+    the three towers (e.g. llava-next's image_newline) is an error, not silently dropped."""
     towers = {t: {} for t in TOWERS}
+    stray = []
     for name, w in state_dict.items():
         for pre, tower, rel in _SPLIT:
             if name.startswith(pre):
                 towers[tower][rel + name[len(pre):]] = w
                 break
+        else:
+            stray.append(name)
+    if stray:
+        raise KeyError(f"Llava weights outside vision tower / projector / language model: "
+                       f"{sorted(stray)[:6]}" + (f" (+{len(stray) - 6} more)"
+                                                 if len(stray) > 6 else ""))
     return towers
 
 
