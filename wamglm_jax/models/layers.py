@@ -70,6 +70,11 @@ class DenseND(nn.Module):
         return y
 
 
+def _norm_param(module: nn.Module, name: str, init, d: int):
+    """A float32[d] norm parameter annotated with the logical axis `norm`."""
+    return module.param(name, nn.with_logical_partitioning(init, ("norm",)), (d,), jnp.float32)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with scale and bias (torch.nn.LayerNorm semantics), statistics in fp32."""
     eps: float
@@ -78,10 +83,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (d,), jnp.float32)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-                          (d,), jnp.float32)
+        scale = _norm_param(self, "scale", nn.initializers.ones, d)
+        bias = _norm_param(self, "bias", nn.initializers.zeros, d)
         xf = x.astype(jnp.float32)
         mean = xf.mean(-1, keepdims=True)
         var = jnp.square(xf - mean).mean(-1, keepdims=True)
@@ -96,9 +99,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        d = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (d,), jnp.float32)
+        scale = _norm_param(self, "scale", nn.initializers.ones, x.shape[-1])
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps)
         return (y.astype(self.dtype) * scale.astype(self.dtype)).astype(self.dtype)
