@@ -33,7 +33,8 @@ def _available_bytes(dev) -> tuple[float, str]:
         if "bytes_limit" in stats:
             return float(stats["bytes_limit"]), "device bytes_limit"
     try:
-        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "host RAM available"
+        return (float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")),
+                "host RAM available")
     except (ValueError, OSError):
         return float("inf"), "unknown"
 

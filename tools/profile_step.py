@@ -16,7 +16,8 @@ Analytic FLOPs per step (maxtext convention: a matmul [m,k]x[k,n] is 2mkn FLOPs;
   ViT, per image, N = (S/P)^2 tokens, width Dv, MLP Iv, over the blocks actually computed
   (stage 2: blocks up to vit.feature_layer, XLA removes the rest as dead code; stage 1: all):
     patch embedding 2*N*(P*P*C)*Dv
-    per block: q,k,v,o 2*N*4*Dv^2 + MLP 2*N*2*Dv*Iv + attention (QK^T and PV, bidirectional) 4*N^2*Dv
+    per block: q,k,v,o 2*N*4*Dv^2 + MLP 2*N*2*Dv*Iv
+               + attention (QK^T and PV, bidirectional) 4*N^2*Dv
   projector, per image: 2*N*(Dv*D + D*D)
   LM, per sequence of T tokens, width D, H heads, Hkv kv heads, head dim hd, MLP I, vocab V:
     per layer: q,o 2*T*2*D*H*hd + k,v 2*T*2*D*Hkv*hd + SwiGLU 2*T*3*D*I

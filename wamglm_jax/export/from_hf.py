@@ -108,7 +108,8 @@ def lm_fields(t: dict, where: str, max_seq_len: int | None = None) -> dict:
         if t.get(key):
             raise ImportHFError(f"{where}: {key}=True; the WamGLM decoder has no biases")
     if t.get("hidden_act", "silu") != "silu":
-        raise ImportHFError(f"{where}: hidden_act={t['hidden_act']!r}; the decoder uses SwiGLU (silu)")
+        raise ImportHFError(f"{where}: hidden_act={t['hidden_act']!r}; the decoder uses "
+                            "SwiGLU (silu)")
     rp = t.get("rope_parameters") or t.get("rope_scaling") or {}
     rtype = rp.get("rope_type", rp.get("type", "default"))
     if rtype != "default":
@@ -148,7 +149,8 @@ def model_config_from_hf(base_cfg, *, llava: dict | None = None, vision: dict | 
     cfg = ml_collections.ConfigDict(copy.deepcopy(base_cfg.to_dict()))
     if llava is not None:
         if llava.get("model_type") != "llava":
-            raise ImportHFError(f"{where[0]}: model_type {llava.get('model_type')!r}, expected 'llava'")
+            raise ImportHFError(f"{where[0]}: model_type {llava.get('model_type')!r}, "
+                                "expected 'llava'")
         strat = llava.get("vision_feature_select_strategy", "default")
         if strat != "full":
             raise ImportHFError(f"{where[0]}: vision_feature_select_strategy={strat!r}; a SigLIP "
@@ -157,12 +159,14 @@ def model_config_from_hf(base_cfg, *, llava: dict | None = None, vision: dict | 
             raise ImportHFError(f"{where[0]}: projector_hidden_act must be 'gelu'")
         fl = llava.get("vision_feature_layer", -2)
         if not isinstance(fl, int):
-            raise ImportHFError(f"{where[0]}: vision_feature_layer={fl!r}; one layer index expected")
+            raise ImportHFError(f"{where[0]}: vision_feature_layer={fl!r}; one layer index "
+                                "expected")
         vision, lm = _vision_config_of(llava), _text_config_of(llava)
         cfg.vit.feature_layer = fl
         cfg.image_token_id = int(llava.get("image_token_id", llava.get("image_token_index")))
     if vision is not None:
-        cfg.vit.update(vision_fields(_vision_config_of(vision), where[1] if llava is None else where[0]))
+        cfg.vit.update(vision_fields(_vision_config_of(vision),
+                                     where[1] if llava is None else where[0]))
     if lm is not None:
         cfg.lm.update(lm_fields(_text_config_of(lm), where[2] if llava is None else where[0],
                                 base_cfg.lm.max_seq_len))

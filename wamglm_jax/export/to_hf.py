@@ -11,7 +11,8 @@ The directory holds
   `rope_parameters`, image_token_index/image_token_id, image_seq_length, projector "gelu"
   (exact), vision_feature_layer = config.model.vit.feature_layer, select strategy "full",
   multimodal_projector_bias, tie_word_embeddings.
-- model.safetensors (sharded with an index above max_shard_bytes, 5 GiB): classic weight names (`vision_tower.vision_model.*`,
+- model.safetensors (sharded with an index above max_shard_bytes, 5 GiB): classic weight
+  names (`vision_tower.vision_model.*`,
   `multi_modal_projector.linear_{1,2}.*`, `language_model.model.*`, `language_model.lm_head`)
   from export/hf_weights.py; transformers 5.x renames them on load (its "llava" key mapping).
 - generation_config.json, tokenizer files (4.x-readable tokenizer_config from
@@ -88,7 +89,7 @@ def image_processor(cfg):
 
 
 def write_tokenizer_and_processor(out_dir: str, cfg, tokenizer_dir: str):
-    """Tokenizer (4.x-readable config) + LlavaProcessor files into out_dir; returns the tokenizer."""
+    """Tokenizer (4.x-readable config) + LlavaProcessor files into out_dir; -> the tokenizer."""
     from transformers import LlavaProcessor
 
     from wamglm_jax.qa.tokenizer import IMAGE, load_tokenizer, save_tokenizer
