@@ -92,3 +92,19 @@ def test_lm_loss_matches_numpy():
     np.testing.assert_allclose(float(loss), np.mean(nll), rtol=1e-5)
     np.testing.assert_allclose(float(acc), np.mean(hits))
     assert int(n) == 4
+
+
+def test_report_markdown_lists_every_kind(data):
+    from wamglm_jax.train.stage2 import report_markdown
+    _, items = data
+    recs = _records(items, lambda it, t, k: it["messages"][t]["content"] if t % 4 else "?")
+    for r, (it_t) in zip(recs, recs):
+        r["answer"] = "x"
+    s = qa_eval.summarize(recs)
+    assert s["answerable"]["excluded_kinds"] == ["batch"]
+    report = dict(steps=3, final_train_loss=1.0, wall_seconds=2.0, eval_split="val",
+                  qa=s["by_kind"], qa_summary={k: v for k, v in s.items() if k != "by_kind"},
+                  baseline=None, plot="/x/qa.png", examples=[])
+    md = report_markdown(report)
+    for kind, v in s["by_kind"].items():
+        assert f"| {kind} | {100 * v['accuracy']:.1f}% | {v['n']} |" in md

@@ -33,6 +33,7 @@ from wamglm_jax.qa.encode import encode_prompt
 COUNT_REL_TOL = 0.10
 PCT_TOL = 3.0
 KB_KINDS = ("why_type", "cause", "adjustment", "why_severity")
+NOT_FROM_INPUTS = ("batch",)   # lot comparisons: metadata the model never sees
 
 
 def _count_ok(pred, want) -> bool:
@@ -152,6 +153,12 @@ def summarize(records: Sequence[dict]) -> dict:
     out = part(records)
     out["heldout"] = part([r for r in records if r["heldout"]])
     out["seen"] = part([r for r in records if not r["heldout"]])
+    # `batch` answers need the lot metadata, which is not in the model's input (image + text):
+    # also report the dialogue accuracy over the kinds the inputs can answer.
+    ans = part([r for r in records if r["kind"] not in NOT_FROM_INPUTS])
+    out["answerable"] = {"excluded_kinds": list(NOT_FROM_INPUTS),
+                         "turn_accuracy": ans["turn_accuracy"],
+                         "dialogue_accuracy": ans["dialogue_accuracy"]}
     return out
 
 

@@ -545,6 +545,9 @@ def report_markdown(r: dict) -> str:
              f"accuracy {_pct(r['qa_summary']['dialogue_accuracy'])}; held-out phrasings: "
              f"{_pct(r['qa_summary']['heldout']['turn_accuracy'])} "
              f"(dialogues {_pct(r['qa_summary']['heldout']['dialogue_accuracy'])})",
+             f"- without `batch` (lot comparisons need lot metadata the model never sees): "
+             f"answer accuracy {_pct(r['qa_summary']['answerable']['turn_accuracy'])}, "
+             f"whole-dialogue {_pct(r['qa_summary']['answerable']['dialogue_accuracy'])}",
              f"- vision tower: {r.get('vision_source')}", "",
              "| kind | WamGLM | n | held-out phrasings | stage-1 + KB baseline |",
              "|---|---|---|---|---|"]
