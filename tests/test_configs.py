@@ -1,23 +1,21 @@
 """Every configs/*.py loads (via ml_collections config_flags, with each documented arg), its stages
-exist and its mesh resolves; every preset's parameter count matches an independent formula
-(jax.eval_shape only: the 7B preset is never materialised); `python -m wamglm_jax.main` runs.
+exist and its mesh resolves; `python -m wamglm_jax.main` runs the shapes stage. (Each preset's
+parameter count against an independent formula: tests/test_presets.py.)
 """
 import glob
 import importlib
 import json
-import math
 import os
 import re
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from configs import common, presets
+from test_presets import formula   # independent parameter-count formula (tests/ is on sys.path)
 from wamglm_jax import main as main_lib
 from wamglm_jax.parallel import mesh as mesh_lib
 from wamglm_jax.parallel import sharding
@@ -82,39 +80,6 @@ def test_bad_preset_and_missing_stage_are_clear_errors():
         common.with_defaults(presets.model_config("tiny"))
 
 
-def _expected_params(m):
-    """Parameter count of SigLIP tower (no head) + LLaVA mlp2x_gelu + Llama, from the config."""
-    v, lm = m.vit, m.lm
-    d, i = v.hidden_size, v.intermediate_size
-    n = (v.image_size // v.patch_size) ** 2
-    vision = (v.patch_size ** 2 * v.num_channels * d + d + n * d          # patch conv, positions
-              + v.num_layers * (2 * 2 * d + 4 * (d * d + d) + d * i + i + i * d + d)
-              + 2 * d)                                                     # post_layernorm
-    D = lm.hidden_size
-    projector = d * D + D + D * D + D
-    attn = D * lm.num_heads * lm.head_dim * 2 + D * lm.num_kv_heads * lm.head_dim * 2
-    text = (lm.vocab_size * D + lm.num_layers * (2 * D + attn + 3 * D * lm.intermediate_size)
-            + D + (0 if lm.tie_embeddings else D * lm.vocab_size))
-    return dict(vision=vision, projector=projector, lm=text)
-
-
-@pytest.mark.parametrize("name", sorted(presets.PRESETS))
-def test_preset_param_count_by_formula(name):
-    from wamglm_jax.models.wamglm import WamGLM, num_image_tokens
-    m = presets.model_config(name)
-    t = num_image_tokens(m) + 4
-    s = m.vit.image_size
-    abstract = jax.eval_shape(
-        WamGLM(config=m).init, jax.random.key(0), jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32),
-        jax.ShapeDtypeStruct((1, t), jnp.int32), jax.ShapeDtypeStruct((1, t), jnp.int32))
-    params = sharding.unbox_values(abstract)["params"]
-    got = {k: sum(math.prod(x.shape) for x in jax.tree.leaves(params[k])) for k in params}
-    assert got == _expected_params(m)
-    if name == "pod7b":
-        assert 6.5e9 < got["lm"] < 7e9 and 3.5e8 < got["vision"] < 4.5e8   # 7B LM, 400M ViT
-        assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
-
-
 def test_main_runs_shapes_stage(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                PYTHONPATH=ROOT)
@@ -126,7 +91,7 @@ def test_main_runs_shapes_stage(tmp_path):
     shapes = json.load(open(tmp_path / "shapes.json"))
     assert shapes["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
     assert shapes["summary"]["params_total"] == sum(
-        _expected_params(presets.model_config("tiny")).values())
+        formula(presets.model_config("tiny")).values())
     config = json.load(open(tmp_path / "config.json"))
     assert config["stages"] == ["shapes"] and config["mesh"]["tensor"] == 2
     # a missing stage module is named in the error
