@@ -23,32 +23,32 @@ def _defaults() -> ml_collections.ConfigDict:
 
 
 PRESETS = {
-      "tiny": {},
-      "small": dict(
-          vit=dict(image_size=64, patch_size=8, hidden_size=192, intermediate_size=768,
-                   num_layers=6, num_heads=3),
-          lm=dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_layers=4,
-                  num_heads=4, num_kv_heads=2, head_dim=64, max_seq_len=1024)),
-      "base": dict(
-          vit=dict(image_size=64, patch_size=4, hidden_size=384, intermediate_size=1536,
-                   num_layers=8, num_heads=6, feature_layer=-2),
-          lm=dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, num_layers=12,
-                  num_heads=12, num_kv_heads=4, head_dim=64, max_seq_len=2048)),
-      # 7B-class LM (Llama-2-7B shapes) with a 400M-class ViT (SigLIP-so400m shapes). The image
-      # is 378 = 27 x 14 (so400m's 384 leaves a 6-pixel border its conv ignores): same 729
-      # patches, and N = (S/P)^2 holds exactly.
-      "pod7b": dict(
-          vit=dict(image_size=378, patch_size=14, hidden_size=1152, intermediate_size=4304,
-                   num_layers=27, num_heads=16, feature_layer=-2),
-          lm=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
-                  num_heads=32, num_kv_heads=32, head_dim=128, max_seq_len=4096),
-          dtype="bfloat16", remat="full", scan_layers=True),
+    "tiny": {},
+    "small": dict(
+        vit=dict(image_size=64, patch_size=8, hidden_size=192, intermediate_size=768,
+                 num_layers=6, num_heads=3),
+        lm=dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_layers=4,
+                num_heads=4, num_kv_heads=2, head_dim=64, max_seq_len=1024)),
+    "base": dict(
+        vit=dict(image_size=64, patch_size=4, hidden_size=384, intermediate_size=1536,
+                 num_layers=8, num_heads=6, feature_layer=-2),
+        lm=dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, num_layers=12,
+                num_heads=12, num_kv_heads=4, head_dim=64, max_seq_len=2048)),
+    # 7B-class LM (Llama-2-7B shapes) with a 400M-class ViT (SigLIP-so400m shapes). The image
+    # is 378 = 27 x 14 (so400m's 384 leaves a 6-pixel border its conv ignores): same 729
+    # patches, and N = (S/P)^2 holds exactly.
+    "pod7b": dict(
+        vit=dict(image_size=378, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                 num_layers=27, num_heads=16, feature_layer=-2),
+        lm=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                num_heads=32, num_kv_heads=32, head_dim=128, max_seq_len=4096),
+        dtype="bfloat16", remat="full", scan_layers=True),
 }
 
 
 def model_config(name: str) -> ml_collections.ConfigDict:
     if name not in PRESETS:
-      raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
     cfg = _defaults()
     cfg.update_from_flattened_dict(
         {f"{k}.{kk}" if isinstance(v, dict) else k: (vv if isinstance(v, dict) else v)
