@@ -283,6 +283,9 @@ def test_bad_config_errors():
     with pytest.raises(ValueError, match="num_kv_heads"):
         Decoder(small_cfg(**{"lm.num_kv_heads": 3})).init(jax.random.key(0),
                                                            np.zeros((1, 4), np.int32))
+    with pytest.raises(ValueError, match="head_dim=15 must be even"):
+        Decoder(small_cfg(**{"lm.head_dim": 15})).init(jax.random.key(0),
+                                                        np.zeros((1, 4), np.int32))
     with pytest.raises(ValueError, match="image_token_id=97 is outside the vocabulary"):
         cfg = small_cfg(image_token_id=97)
         init_model(cfg)

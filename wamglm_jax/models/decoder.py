@@ -51,6 +51,9 @@ def validate_lm(cfg):
     if lm.num_heads % lm.num_kv_heads:
         raise ValueError(f"config.model.lm.num_heads={lm.num_heads} is not a multiple of "
                          f"num_kv_heads={lm.num_kv_heads}")
+    if lm.head_dim % 2:
+        raise ValueError(f"config.model.lm.head_dim={lm.head_dim} must be even (split-half RoPE "
+                         "rotates two halves of each head)")
 
 
 def init_cache(cfg, batch: int, max_len: int, dtype=None) -> dict:
