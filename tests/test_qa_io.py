@@ -54,5 +54,14 @@ def test_build_write_read_and_stats(tmp_path, capsys):
         for k in it["answer_key"]:
             kinds[k["kind"]] = kinds.get(k["kind"], 0) + 1
     assert s["kinds"] == kinds
+    classes = {}
+    for it in items:
+        classes[it["class_name"]] = classes.get(it["class_name"], 0) + 1
+    assert s["classes"] == classes and sum(classes.values()) == len(train)
+    tok = out["tokenizer"]     # rendered text tokenised, <image> (1 token) -> 16 tokens
+    assert s["tokens"]["tokens"] == sum(
+        len(tok(tok.apply_chat_template(it["messages"], tokenize=False),
+                add_special_tokens=False)["input_ids"]) + 15 for it in items)
+    assert res["splits"]["test"]["heldout_dialogues"] == len(test)
     assert s["tokens"]["truncated"] == 0 and s["tokens"]["samples"] == len(items)
     assert res["vocab"]["vocab_size"] == len(out["tokenizer"])
