@@ -65,3 +65,16 @@ def test_build_write_read_and_stats(tmp_path, capsys):
     assert res["splits"]["test"]["heldout_dialogues"] == len(test)
     assert s["tokens"]["truncated"] == 0 and s["tokens"]["samples"] == len(items)
     assert res["vocab"]["vocab_size"] == len(out["tokenizer"])
+
+
+def test_bad_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"messages": []}\n\n{"messages": [\n')
+    with pytest.raises(ValueError, match=r"x\.jsonl:3: not valid JSON"):
+        io.read_jsonl(str(p))
+    p.write_text('{"messages": []}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"x\.jsonl:2: expected a dialogue item"):
+        io.read_jsonl(str(p))
+    p.write_text('{"messages": [], "id": "a"}\n')
+    assert io.read_jsonl(str(p)) == [{"messages": [], "id": "a"}]
+

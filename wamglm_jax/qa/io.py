@@ -27,8 +27,21 @@ def write_jsonl(items: Sequence[dict], path: str) -> None:
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """Items of a JSONL file; a malformed line is a ValueError naming the file and line."""
+    out = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(item, dict) or "messages" not in item:
+                raise ValueError(f"{path}:{n}: expected a dialogue item (a JSON object with "
+                                 f"'messages'), got {type(item).__name__}")
+            out.append(item)
+    return out
 
 
 def save_maps(dataset, path: str) -> None:
