@@ -26,9 +26,10 @@ def get_config(arg: str = ""):
     config.data.balance = "balanced"
     config.stage1 = default_stage1_config()
     config.stage1.batch_size = 64
-    config.stage1.loop.num_steps = 1200
+    config.stage1.loop.num_steps = 2000
     config.stage1.loop.log_every = 50
     config.stage1.loop.checkpoint_every = 200
-    config.stage1.loop.eval_every = 400
+    config.stage1.loop.eval_every = 500
     config.stage1.optimizer.learning_rate = 2e-3
+    config.stage1.tta = True                 # final evaluation: mean of the 8 dihedral views
     return config
