@@ -67,7 +67,7 @@ def test_build_write_read_and_stats(tmp_path, capsys):
     assert res["vocab"]["vocab_size"] == len(out["tokenizer"])
 
 
-def test_bad_jsonl_names_file_and_line(tmp_path):
+def test_bad_files_name_file_and_problem(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"messages": []}\n\n{"messages": [\n')
     with pytest.raises(ValueError, match=r"x\.jsonl:3: not valid JSON"):
@@ -77,4 +77,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
         io.read_jsonl(str(p))
     p.write_text('{"messages": [], "id": "a"}\n')
     assert io.read_jsonl(str(p)) == [{"messages": [], "id": "a"}]
+    np.savez(tmp_path / "m.npz", maps=np.zeros((2, 3, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"m\.npz: not a WaferMapVMQA maps file.*'maps_flat'"):
+        io.load_maps(str(tmp_path / "m.npz"))
 

@@ -65,6 +65,11 @@ def load_maps(path: str):
     from wamglm_jax.data.dataset import WaferDataset
 
     with np.load(path, allow_pickle=False) as d:
+        need = ("maps_flat", "offsets", "shapes", "labels", "lot", "wafer_index", "label_space")
+        missing = [k for k in need if k not in d.files]
+        if missing:
+            raise ValueError(f"{path}: not a WaferMapVMQA maps file (written by save_maps): "
+                             f"missing arrays {missing}")
         flat, off, shp = d["maps_flat"], d["offsets"], d["shapes"]
         maps = [flat[o:o + h * w].reshape(h, w) for o, (h, w) in zip(off, shp)]
         meta = [{"lot": (str(lot) or None), "wafer_index": (int(wi) if wi >= 0 else None),
