@@ -30,10 +30,15 @@ def _tiny():
     return cfg, model, params, images, n, Generator(cfg, params)
 
 
+_FWD = {}
+
+
 def _full_forward_greedy(model, params, image, prompt, steps, width=32):
     """No cache: re-run the whole sequence (right-padded to `width`, causal so pads after the
     last real token do not matter) and append the argmax at the last real position."""
-    fwd = jax.jit(lambda p, im, t, m: model.apply({"params": p}, im, t, m))
+    if id(model) not in _FWD:                 # one compilation per model
+        _FWD[id(model)] = (model, jax.jit(lambda p, im, t, m: model.apply({"params": p}, im, t, m)))
+    fwd = _FWD[id(model)][1]
     toks = list(prompt)
     out = []
     for _ in range(steps):
