@@ -123,7 +123,8 @@ def _abstract_params(cfg):
 
 def tower_from_hf(state_dict, tower: str, cfg, _shapes=None):
     """{HF name relative to the tower: array (numpy or torch)} -> the tower's JAX params
-    (stacked if cfg.scan_layers). Raises KeyError naming missing weights."""
+    (stacked if cfg.scan_layers). Raises KeyError naming missing or unexpected weights,
+    ValueError for a weight of the wrong shape (see _check_unexpected for what is skipped)."""
     if tower == "vision" and any(k.startswith("vision_model.") for k in state_dict):
         # SiglipVisionModel / full SiglipModel names: keep the vision tower's (a full SigLIP
         # checkpoint also holds text_model.*, logit_scale, ...).
