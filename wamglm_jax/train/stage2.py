@@ -368,7 +368,11 @@ def run(config, workdir, mesh=None) -> dict:
             ml_collections.ConfigDict(config.to_dict()).to_json_best_effort(indent=2,
                                                                             sort_keys=True))
         (stage_dir / "model_config.json").write_text(json.dumps(
-            dict(model=model_cfg.to_dict(), tokenizer=tok_path,
+            dict(model=model_cfg.to_dict(),
+                 # relative to the workdir when it lies inside (the run dir can move)
+                 tokenizer=(os.path.relpath(tok_path, os.fspath(workdir))
+                            if os.path.abspath(tok_path).startswith(os.fspath(workdir) + os.sep)
+                            else tok_path),
                  lora_alpha=float(s2.lora.alpha)), indent=2, sort_keys=True))
     nimg = num_image_tokens(model_cfg)
     enc, enc_stats = qenc.encode_items(tok, items["train"], num_image_tokens=nimg,
@@ -588,7 +592,10 @@ def load_for_inference(workdir, step: int | None = None):
         raise FileNotFoundError(f"{mc}: not found; is {workdir} a stage-2 run directory?")
     meta = json.loads(mc.read_text())
     model_cfg = ml_collections.ConfigDict(meta["model"])
-    tok = load_tokenizer(meta["tokenizer"])
+    tok_dir = meta["tokenizer"]
+    if not os.path.isabs(tok_dir):
+        tok_dir = os.path.join(os.fspath(epath.Path(workdir).absolute()), tok_dir)
+    tok = load_tokenizer(tok_dir)
     ckdir = stage_dir / "checkpoints"
     steps = sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit()) \
         if ckdir.exists() else []
