@@ -149,6 +149,10 @@ def test_load_splits_synthetic_distinct_and_deterministic():
     tr = {m.tobytes() + bytes(m.shape) for m in s1["train"].maps}
     assert not tr & {m.tobytes() + bytes(m.shape) for m in s1["val"].maps}
     assert not {d["lot"] for d in s1["train"].meta} & {d["lot"] for d in s1["test"].meta}
+    cfg.background = 0.0
+    clean = load_splits(cfg)["train"]
+    none = [m for m, y in zip(clean.maps, clean.labels) if y == L.WM811K_CLASSES.index("none")]
+    assert none and all((m == 2).sum() == 0 for m in none)
 
 
 def test_load_splits_from_file(tmp_path):

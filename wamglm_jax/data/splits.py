@@ -25,6 +25,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.num_test = 2_000
     c.seed = 0
     c.balance = "balanced"        # synthetic class frequencies: 'balanced' | 'wm811k'
+    c.background = 1.0            # synthetic: scale of background random failures (0 = clean)
     c.balanced_sampling = "none"  # pipeline: 'none' | 'full' (1/n_c) | 'sqrt' (1/sqrt(n_c))
     c.train_split = "train"       # split names in a real file
     c.eval_split = "val"
@@ -36,7 +37,8 @@ def default_data_config() -> ml_collections.ConfigDict:
 def synthetic_split(data_cfg, name: str, num: int) -> WaferDataset:
     seed = int(data_cfg.seed) + _SPLIT_OFFSET[name]
     ds = generate(int(num), seed=seed, label_space=data_cfg.label_space,
-                  balance=data_cfg.balance, lot_prefix=f"syn-{name}{int(data_cfg.seed)}-lot")
+                  balance=data_cfg.balance, background=float(data_cfg.get("background", 1.0)),
+                  lot_prefix=f"syn-{name}{int(data_cfg.seed)}-lot")
     ds.source = f"synthetic:{name}(seed={seed})"
     return ds
 
