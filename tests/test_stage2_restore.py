@@ -86,3 +86,37 @@ def test_restore_shape_mismatch_and_missing_checkpoint(tmp_path):
     _save_fake_stage1(tmp_path, jax.tree.map(np.asarray, p2["vision"]))
     with pytest.raises(ValueError, match="vision"):
         stage2.restore_stage1_vision(stage2.find_stage1_checkpoint(tmp_path), params["vision"])
+
+
+def test_lm_starts_from_a_pretrained_hf_llama(tmp_path):
+    """config.stage2.init_lm_from: LM weights from an HF Llama dir (transposed into our
+    layout), vocab grown to the tokenizer, config.model.lm taken from the HF config."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from wamglm_jax.data.generator import generate
+    from wamglm_jax.qa.dialogues import build_dialogues
+    from wamglm_jax.qa.tokenizer import build_tokenizer
+    from configs import quickstart
+
+    tok = build_tokenizer(build_dialogues(generate(20, seed=0), seed=0), str(tmp_path / "tok"),
+                          vocab_size=300)
+    tc = transformers.LlamaConfig(vocab_size=200, hidden_size=32, intermediate_size=48,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=1, rope_theta=1000.0, rms_norm_eps=1e-6,
+                                  max_position_embeddings=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(tc)
+    hf.save_pretrained(tmp_path / "llama")
+    config = quickstart.get_config("ci")
+    config.stage2.init_lm_from = str(tmp_path / "llama")
+    s2 = stage2.stage_cfg(config)
+    cfg, lm = stage2.import_lm(config, s2, tok)
+    assert (cfg.lm.hidden_size, cfg.lm.num_kv_heads, cfg.lm.rope_theta) == (32, 1, 1000.0)
+    assert cfg.lm.vocab_size == 384 >= len(tok) and cfg.image_token_id == tok.convert_tokens_to_ids("<image>")
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    emb = np.asarray(lm["embed_tokens"]["embedding"])
+    np.testing.assert_array_equal(emb[:200], sd["model.embed_tokens.weight"])
+    np.testing.assert_allclose(emb[200:], np.repeat(sd["model.embed_tokens.weight"].mean(0)[None],
+                                                    184, 0), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(lm["layers_1"]["mlp"]["down_proj"]["kernel"]),
+                                  sd["model.layers.1.mlp.down_proj.weight"].T)

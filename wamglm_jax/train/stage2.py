@@ -13,7 +13,9 @@ Steps:
    (`restore_stage1_vision`: orbax partial restore of `state` -> params/vision, best-on-val
    checkpoint if there is one, else the latest), the projector optionally from a short
    alignment phase (`workdir/stage2_align/`: only the projector trains, on "describe this
-   map" dialogues), the LM from its init.
+   map" dialogues), the LM from its init or from a local Hugging Face Llama-family dir
+   (config.stage2.init_lm_from, via export/from_hf; use that LM's tokenizer with
+   tokenizer_dir, the vocabulary grows to fit `<image>` and the padding).
 3. What trains is set by regexes (config.stage2.optimizer.freeze / trainable; default: vision
    frozen). LoRA (config.stage2.lora.rank > 0) adds adapters under params['lora'] for kernels
    matching lora.lm_regex / lora.vision_regex; they are applied inside the jitted forward
@@ -68,6 +70,8 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
         tokenizer_dir="",           # a pretrained HF tokenizer instead of training one
         chat_template="",           # its replacement template (with {% generation %} marks)
         init_vision_from_stage1=True,
+        init_lm_from="",            # a local HF Llama-family dir: the LM starts from its weights
+                                    # (config.model.lm is then taken from it; use its tokenizer)
         lora=dict(rank=0, alpha=16.0,
                   lm_regex=r"^lm/.*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
                   vision_regex=""),
@@ -115,19 +119,31 @@ def get_tokenizer(s2, workdir, train_items):
         return load_tokenizer(path), path
     if jax.process_index() == 0:
         tok = build_tokenizer(train_items, path, vocab_size=int(s2.vocab_size))
-    else:                       # pragma: no cover (multi-host: wait for process 0)
+    if jax.process_count() > 1:   # multi-host: the others load what process 0 wrote
         from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("tokenizer")
-        tok = load_tokenizer(path)
+        multihost_utils.sync_global_devices("stage2 tokenizer")
+        if jax.process_index() != 0:
+            tok = load_tokenizer(path)
     return tok, path
 
 
-def model_config_for(config, tok) -> ml_collections.ConfigDict:
-    """config.model with image_token_id and vocab_size taken from the tokenizer."""
-    cfg = ml_collections.ConfigDict(config.model.to_dict())
+def model_config_for(config, tok, base=None) -> ml_collections.ConfigDict:
+    """config.model (or `base`) with image_token_id and vocab_size taken from the tokenizer."""
+    cfg = ml_collections.ConfigDict((base or config.model).to_dict())
     cfg.image_token_id = image_token_id(tok)
     cfg.lm.vocab_size = max(int(cfg.lm.vocab_size), shd.pad_vocab(len(tok)))
     return cfg
+
+
+def import_lm(config, s2, tok):
+    """(model_cfg, lm params as numpy) from the HF dir config.stage2.init_lm_from, with the
+    vocabulary grown to fit the tokenizer (new rows = mean of the old ones)."""
+    from wamglm_jax.export import from_hf
+    params, cfg, info = from_hf.import_pretrained(config.model, lm=s2.init_lm_from,
+                                                  seed=int(config.seed))
+    model_cfg = model_config_for(config, tok, base=cfg)
+    params, _ = from_hf.resize_vocab(params, cfg, int(model_cfg.lm.vocab_size))
+    return model_cfg, params["lm"]
 
 
 def capped_indices(labels, cap: int, seed: int):
@@ -359,7 +375,11 @@ def run(config, workdir, mesh=None) -> dict:
                                           heldout=float(s2.eval_heldout_fraction), kb=kb,
                                           id_prefix=f"{name}-")
     tok, tok_path = get_tokenizer(s2, workdir, items["train"])
-    model_cfg = model_config_for(config, tok)
+    imported_lm = None
+    if s2.init_lm_from:
+        model_cfg, imported_lm = import_lm(config, s2, tok)
+    else:
+        model_cfg = model_config_for(config, tok)
     if jax.process_index() == 0:
         (stage_dir / "vmqa").mkdir(exist_ok=True)
         for name, its in items.items():
@@ -394,7 +414,10 @@ def run(config, workdir, mesh=None) -> dict:
 
     # 2. model and initial params
     model = WamGLM(model_cfg)
-    params, _ = init_params(model, model_cfg, mesh, rules, seed)
+    params, shardings = init_params(model, model_cfg, mesh, rules, seed)
+    if imported_lm is not None:
+        params["lm"] = jax.device_put(jax.tree.map(jnp.asarray, imported_lm), shardings["lm"])
+        logging.info("stage2: LM initialised from %s", s2.init_lm_from)
     vision_source = "random init"
     if s2.init_vision_from_stage1:
         src = find_stage1_checkpoint(workdir)
@@ -452,6 +475,7 @@ def run(config, workdir, mesh=None) -> dict:
         model_cfg=model_cfg, params=plain, tok=tok, splits=splits, items=items, kb=kb,
         result=result, wall_seconds=result.wall_seconds + setup_seconds,
         t_eval=t_eval, extra=dict(vision_source=vision_source, align=align_info,
+                                  lm_source=s2.init_lm_from or "random init",
                                   lora=dict(s2.lora.to_dict()) if lora_on else None,
                                   trained_parameters=n_train, parameters=n_all,
                                   encode_stats=enc_stats, tokenizer=tok_path))
