@@ -95,3 +95,39 @@ def test_chat_session_drops_oldest_pairs_keeps_image(run_dir):
     assert s2.history[0]["content"] == f"<image>\n{q}" and len(s2.history) == 2
     with pytest.raises(ContextLengthError, match="image"):
         ChatSession(gen, tok, img, gen=g, max_context=n + 4).ask(q)
+
+
+def test_chat_first_turn_carries_the_lot_context(run_dir, tmp_path):
+    """tools.chat: a dataset map with lot metadata gets the same context line as the training
+    dialogues (recomputed here by a loop); a bare .npy map gets none. ChatSession puts it after
+    <image> in the first turn, and moves it with the image when the history is trimmed."""
+    from tools.chat import load_map
+    from wamglm_jax.data.generator import generate
+    from wamglm_jax.inference.chat import ChatSession
+    from wamglm_jax.inference.generate import GenerationConfig, Generator
+    from wamglm_jax.qa.encode import encode_prompt
+    from wamglm_jax.train.stage2 import load_for_inference
+
+    ds = generate(1, seed=4)
+    _, _, ctx = load_map(None, None, 4)
+    md = ds.meta[0]
+    assert ctx == (f"Lot {md['lot']}, wafer {md['wafer_index']}. No other wafers of this lot "
+                   "were measured.")
+    np.save(tmp_path / "m.npy", ds.maps[0])
+    assert load_map(str(tmp_path / "m.npy"), None, 0)[2] is None
+
+    cfg, params, tok = load_for_inference(run_dir)
+    gen = Generator(cfg, params)
+    n = (cfg.vit.image_size // cfg.vit.patch_size) ** 2
+    img = np.zeros((cfg.vit.image_size,) * 2 + (3,), np.float32)
+    g = GenerationConfig(max_new_tokens=2, stop_tokens=(tok.eos_token_id,))
+    s = ChatSession(gen, tok, img, gen=g, context=ctx, log=lambda _: None)
+    s.ask("Is this a lot-wide problem?")
+    assert s.history[0]["content"] == f"<image>\n{ctx}\nIs this a lot-wide problem?"
+    only = [{"role": "user", "content": f"<image>\n{ctx}\nWhy?"}]
+    tight = len(encode_prompt(tok, only, num_image_tokens=n)) + 2
+    s2 = ChatSession(gen, tok, img, gen=g, context=ctx, max_context=tight, log=lambda _: None)
+    s2.history = [{"role": "user", "content": f"<image>\n{ctx}\nWhat defect pattern is this?"},
+                  {"role": "assistant", "content": "It is a Center pattern, clearly visible."}]
+    s2.ask("Why?")
+    assert s2.history[0]["content"] == f"<image>\n{ctx}\nWhy?" and len(s2.history) == 2

@@ -114,19 +114,56 @@ def expected_value(kind, step, m, label_space, label, lot_info):
     }[kind]()
 
 
-def loops_lot(ds, i):
+def loops_lot_counts(ds, i):
+    """(lot, wafer index, n other labeled wafers, n with a pattern, {pattern: n}) by a loop
+    over the whole dataset; None without lot metadata."""
     lot = ds.meta[i].get("lot")
     if lot is None or lot == "":
+        return None
+    n_other = n_pat = 0
+    per = {}
+    for j in range(len(ds.maps)):
+        if j == i or ds.meta[j].get("lot") != lot or ds.labels[j] < 0:
+            continue
+        n_other += 1
+        other = defect_set(ds.label_space, int(ds.labels[j]))
+        n_pat += len(other) > 0
+        for p in other:
+            per[p] = per.get(p, 0) + 1
+    return str(lot), ds.meta[i].get("wafer_index"), n_other, n_pat, per
+
+
+def loops_context_line(ds, i):
+    c = loops_lot_counts(ds, i)
+    if c is None:
+        return None
+    lot, wafer, n, k, per = c
+    head = f"Lot {lot}." if wafer is None else f"Lot {lot}, wafer {wafer}."
+    if n == 0:
+        return head + " No other wafers of this lot were measured."
+    ranked = sorted(per, key=lambda p: (-per[p], WM811K_CLASSES.index(p)))
+    detail = (" (" + ", ".join(f"{p} {per[p]}" for p in ranked) + ")") if ranked else ""
+    return f"{head} Other wafers of this lot: {n} measured, {k} with failure patterns{detail}."
+
+
+def loops_lot(ds, i):
+    """The batch answer value, recomputed: per own pattern, the other wafers showing it;
+    lot-wide iff some count >= 2 and >= 20% of the other wafers."""
+    c = loops_lot_counts(ds, i)
+    if c is None:
         return {"lot": None}
-    mine = defect_set(ds.label_space, int(ds.labels[i]))
-    members = [j for j in range(len(ds)) if ds.meta[j].get("lot") == lot]
-    share = 0
-    for j in members:
-        if j != i:
-            other = defect_set(ds.label_space, int(ds.labels[j]))
-            share += (len(mine & other) > 0) if mine else (len(other) == 0)
-    return {"lot": str(lot), "n_wafers": len(members), "n_sharing": share,
-            "patterned": (len(mine) > 0) if len(members) > 1 else None}
+    lot, _, n, k, per = c
+    if n == 0:
+        return {"lot": lot, "n_other": 0}
+    mine = sorted(defect_set(ds.label_space, int(ds.labels[i])), key=WM811K_CLASSES.index)
+    if not mine:
+        return {"lot": lot, "n_other": n, "n_patterned": k}
+    shared = {p: per.get(p, 0) for p in mine}
+    wide = False
+    for p in mine:
+        if shared[p] >= 2 and shared[p] * 5 >= n:
+            wide = True
+    return {"lot": lot, "n_other": n, "shared": shared, "lot_wide": wide}
 
 
 def disc(H, W):
@@ -156,6 +193,9 @@ def check_items(ds, items):
         msgs = it["messages"]
         assert 2 <= len(msgs) // 2 <= 6 and len(msgs) % 2 == 0
         assert msgs[0]["role"] == "user" and msgs[0]["content"].startswith("<image>\n")
+        ctx = loops_context_line(ds, it["image_index"])
+        first = msgs[0]["content"][len("<image>\n"):].split("\n")
+        assert first == ([ctx] if ctx else []) + [first[-1]], (it["id"], msgs[0]["content"])
         assert sum(m["content"].count("<image>") for m in msgs) == 1
         assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
         assert len(it["answer_key"]) == len(msgs) // 2
@@ -193,7 +233,14 @@ def test_hand_maps_known_answers():
     if 2 in batch:   # the wafer without a lot: explicit cannot-tell, no invented lot
         assert batch[2] == {"lot": None} and all("cannot tell" in t for t in texts)
     if 0 in batch:
-        assert batch[0] == {"lot": "L1", "n_wafers": 2, "n_sharing": 0, "patterned": True}
+        assert batch[0] == {"lot": "L1", "n_other": 1, "shared": {"Center": 0},
+                            "lot_wide": False}
+    first = {it["image_index"]: it["messages"][0]["content"] for it in items}
+    assert first[0].startswith("<image>\nLot L1, wafer 1. Other wafers of this lot: 1 measured, "
+                               "1 with failure patterns (Edge-Loc 1).\n")
+    assert first[3].startswith("<image>\nLot L2, wafer 1. No other wafers of this lot were "
+                               "measured.\n")
+    assert "Lot" not in first[2] and first[2].count("\n") == 1     # no lot: no context line
 
 
 def test_no_lot_gives_cannot_tell():
@@ -208,6 +255,10 @@ def test_no_lot_gives_cannot_tell():
                 assert k["value"] == {"lot": None}
                 assert "cannot tell" in it["messages"][k["turn"]]["content"]
                 assert "Lot " not in it["messages"][k["turn"]]["content"]
+        first = it["messages"][0]["content"]
+        assert first.count("\n") == 1 and "Lot" not in first       # no context line
+        assert first.split("\n")[1] in phrasings.TRAIN[it["plan"][0]["kind"]] or \
+            it["plan"][0]["kind"] == "type_location"
     assert seen > 0
 
 
@@ -225,14 +276,14 @@ def test_heldout_phrasings_and_orders_never_in_training():
     for it in train:
         assert not it["heldout"] and not order_is_heldout([s["kind"] for s in it["plan"]])
         for m in it["messages"]:
-            if m["role"] == "user":
-                assert m["content"].replace("<image>\n", "") not in held_q
+            if m["role"] == "user":       # the question: the last line (after a context line)
+                assert m["content"].split("\n")[-1] not in held_q
     used = set()
     for it in held:
         assert it["heldout"] and order_is_heldout([s["kind"] for s in it["plan"]])
         for m in it["messages"]:
             if m["role"] == "user":
-                q = m["content"].replace("<image>\n", "")
+                q = m["content"].split("\n")[-1]
                 assert q in held_q
                 used.add(q)
     assert len(used) > 10
@@ -277,7 +328,9 @@ def test_type_location_cases():
     new, _ = transform_item(it, hd.maps[1], 0, False)
     assert new["answer_key"][0]["value"] == {"pattern": "Edge-Loc", "present": True,
                                              "zones": ["edge"], "side": "upper-right"}
-    assert new["messages"][0]["content"] == "<image>\nWhere is the Edge-Loc pattern?"
+    assert new["messages"][0]["content"] == ("<image>\nLot L1, wafer 2. Other wafers of this "
+                                             "lot: 1 measured, 1 with failure patterns (Center "
+                                             "1).\nWhere is the Edge-Loc pattern?")
 
 
 def test_map_without_dies_names_index():
@@ -292,15 +345,66 @@ def test_map_without_dies_names_index():
 def test_batch_answers_all_cases():
     ds = hand_dataset()
     ds.labels = np.array([0, 8, 8, 6], np.int32)   # wafer 1 of lot L1 is normal now
-    for i, text in [(0, "Lot L1 has 2 wafers in the data; 0 of the other 1 share a defect type"),
-                    (1, "Lot L1 has 2 wafers in the data; 0 of the other 1 are also free"),
-                    (2, "I cannot tell from this map"), (3, "Lot L2 has only this wafer")]:
+    for i, text in [(0, "0 of the 1 other wafer in lot L1 show the same Center pattern, so it "
+                        "looks isolated"),
+                    (1, "This wafer shows no defect pattern; 1 of the 1 other wafer in lot L1 "
+                        "has failure patterns."),
+                    (2, "I cannot tell from this map"),
+                    (3, "No other wafer of lot L2 was measured")]:
         it = build_dialogues(ds, seed=0, indices=[i])[0]
         it = dict(it, plan=[{"kind": "batch", "q": 0, "zone": None, "pattern": None}])
         new, _ = transform_item(it, ds.maps[i], 0, False)
         assert new["answer_key"][0]["value"] == loops_lot(ds, i)
         assert new["messages"][1]["content"].startswith(text)
         assert parse_answer("batch", new["messages"][1]["content"]) == loops_lot(ds, i)
+
+
+def _lot_dataset(labels, label_space="wm811k", lot="LX0123"):
+    m = disc(9, 9)[0]
+    return WaferDataset(maps=[m] * len(labels), labels=np.array(labels, np.int32),
+                        label_space=label_space,
+                        meta=[dict(lot=lot, wafer_index=k + 1, die_size=None)
+                              for k in range(len(labels))])
+
+
+def test_lot_wide_vs_isolated_and_context_line():
+    """A lot of 25: this wafer Edge-Ring (3), 9 others Edge-Ring, 2 Center, one unlabeled
+    (left out), the rest none: lot-wide. With only 1 other Edge-Ring: isolated."""
+    labels = [3] + [3] * 9 + [0] * 2 + [-1] + [8] * 12
+    ds = _lot_dataset(labels)
+    it = build_dialogues(ds, seed=0, indices=[0])[0]
+    it = dict(it, plan=[{"kind": "batch", "q": 0, "zone": None, "pattern": None}])
+    new, _ = transform_item(it, ds.maps[0], 0, False)
+    assert new["messages"][0]["content"] == (
+        "<image>\nLot LX0123, wafer 1. Other wafers of this lot: 23 measured, 11 with failure "
+        "patterns (Edge-Ring 9, Center 2).\n" + phrasings.TRAIN["batch"][0])
+    assert new["messages"][0]["content"].split("\n")[1] == loops_context_line(ds, 0)
+    assert new["answer_key"][0]["value"] == loops_lot(ds, 0) == {
+        "lot": "LX0123", "n_other": 23, "shared": {"Edge-Ring": 9}, "lot_wide": True}
+    assert new["messages"][1]["content"] == (
+        "9 of the 23 other wafers in lot LX0123 show the same Edge-Ring pattern, so the cause "
+        "is likely lot-wide (a shared tool or process step).")
+    ds2 = _lot_dataset([3, 3] + [8] * 10)
+    new2, _ = transform_item(dict(it, lot_context=build_dialogues(ds2, indices=[0])[0][
+        "lot_context"]), ds2.maps[0], 0, False)
+    assert new2["answer_key"][0]["value"] == loops_lot(ds2, 0)
+    assert new2["answer_key"][0]["value"]["lot_wide"] is False
+    assert "isolated to this wafer" in new2["messages"][1]["content"]
+
+
+def test_mixed_lot_context_counts_each_pattern():
+    from wamglm_jax.data.labels import MIXEDWM38_CLASSES
+    ids = {frozenset(v): k for k, v in enumerate(MIXEDWM38_CLASSES)}
+    cs, c, s, none = (ids[frozenset({"Center", "Scratch"})], ids[frozenset({"Center"})],
+                      ids[frozenset({"Scratch"})], ids[frozenset()])
+    ds = _lot_dataset([cs, cs, c, c, s, none, none], label_space="mixedwm38")
+    items = build_dialogues(ds, seed=2, per_map=3)
+    check_items(ds, items)
+    assert loops_context_line(ds, 0) == ("Lot LX0123, wafer 1. Other wafers of this lot: 6 "
+                                         "measured, 4 with failure patterns (Center 3, "
+                                         "Scratch 2).")
+    assert loops_lot(ds, 0)["shared"] == {"Center": 3, "Scratch": 2}
+    assert loops_lot(ds, 5) == {"lot": "LX0123", "n_other": 6, "n_patterned": 5}
 
 
 def test_single_pattern_map_without_failing_dies():
@@ -324,3 +428,38 @@ def test_single_pattern_map_without_failing_dies():
             assert tl["answer_key"][0]["value"] == {"pattern": WM811K_CLASSES[label],
                                                     "present": True, "zones": [], "side": None}
             assert "no failing dies" in tl["messages"][1]["content"]
+
+
+def test_batch_answer_derivable_from_context_line_and_map():
+    """The batch answer follows from what the model is given: the context line (parsed here
+    with a regex) and the map's own patterns (the label the map shows)."""
+    import re
+    ds = generate(60, seed=11, label_space="mixedwm38")
+    items = build_dialogues(ds, seed=5, per_map=2)
+    seen = 0
+    for it in items:
+        lines = it["messages"][0]["content"].split("\n")
+        key = [k for k in it["answer_key"] if k["kind"] == "batch"]
+        if not key:
+            continue
+        seen += 1
+        if len(lines) == 2:                       # no context line: cannot tell
+            assert key[0]["value"] == {"lot": None}
+            continue
+        ctx = lines[1]
+        lot = re.match(r"Lot (\S+?)[,.]", ctx).group(1)
+        m = re.search(r"(\d+) measured, (\d+) with failure patterns", ctx)
+        n, k = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+        per = {p: int(c) for p, c in re.findall(r"([A-Z][\w-]+) (\d+)", ctx.split("(")[-1])} \
+            if "(" in ctx else {}
+        mine = sorted(defect_set(ds.label_space, it["class"]), key=WM811K_CLASSES.index)
+        if n == 0:
+            want = {"lot": lot, "n_other": 0}
+        elif not mine:
+            want = {"lot": lot, "n_other": n, "n_patterned": k}
+        else:
+            shared = {p: per.get(p, 0) for p in mine}
+            want = {"lot": lot, "n_other": n, "shared": shared,
+                    "lot_wide": any(c >= 2 and 5 * c >= n for c in shared.values())}
+        assert key[0]["value"] == want, (it["id"], ctx)
+    assert seen > 5

@@ -80,4 +80,7 @@ def test_parse_free_text():
     assert parse_answer("location", "mostly at the edge, lower-left quadrant") == \
         {"zones": ["edge"], "side": "lower-left"}
     assert parse_answer("batch", "I cannot tell from this map.") == {"lot": None}
+    assert parse_answer("batch", "9 of the 24 other wafers in lot LX0123 show the same edge "
+                        "ring pattern, so it is likely lot-wide.") == \
+        {"lot": "LX0123", "n_other": 24, "shared": {"Edge-Ring": 9}, "lot_wide": True}
     assert parse_answer("severity", "This is critical.") == {"severity": "critical"}

@@ -99,7 +99,8 @@ def test_report_markdown_lists_every_kind(data):
     _, items = data
     recs = _records(items, lambda it, t, k: it["messages"][t]["content"] if t % 4 else "?")
     s = qa_eval.summarize(recs)
-    assert s["answerable"]["excluded_kinds"] == ["batch"]
+    assert s["answerable"]["excluded_kinds"] == []      # batch: the lot context line
+    assert s["answerable"]["turn_accuracy"] == s["turn_accuracy"]
     report = dict(steps=3, final_train_loss=1.0, wall_seconds=2.0, eval_split="val",
                   qa=s["by_kind"], qa_summary={k: v for k, v in s.items() if k != "by_kind"},
                   baseline=None, plot="/x/qa.png", examples=[])

@@ -44,10 +44,11 @@ def render_map(m, color: bool) -> str:
 
 
 def load_map(path: str | None, index: int | None, seed: int):
-    """(uint8[H,W] map, description) from a file or the generator."""
+    """(uint8[H,W] map, description, lot context line or None) from a file or the generator."""
     from wamglm_jax.data.dataset import load_dataset
     from wamglm_jax.data.generator import generate
     from wamglm_jax.data.wafer import check_map
+    from wamglm_jax.qa.dialogues import dataset_context_line
 
     if path is None:
         ds = generate(1, seed=seed)
@@ -64,7 +65,8 @@ def load_map(path: str | None, index: int | None, seed: int):
     m = check_map(ds.maps[i], where, i)
     label = int(ds.labels[i])
     name = ds.class_names[label] if label >= 0 else "unlabeled"
-    return m, f"{where}; {m.shape[0]}x{m.shape[1]} dies grid; label: {name}"
+    return (m, f"{where}; {m.shape[0]}x{m.shape[1]} dies grid; label: {name}",
+            dataset_context_line(ds, i))
 
 
 def main(argv):
@@ -77,16 +79,19 @@ def main(argv):
     from wamglm_jax.inference.generate import GenerationConfig, Generator
     from wamglm_jax.train.stage2 import load_for_inference
 
-    m, desc = load_map(FLAGS.map, FLAGS.index, FLAGS.seed)
+    m, desc, context = load_map(FLAGS.map, FLAGS.index, FLAGS.seed)
     color = sys.stdout.isatty() if FLAGS.color is None else FLAGS.color
     print(f"Wafer map: {desc}  ('.' good, 'X' failing)")
     print(render_map(m, color))
+    if context:
+        print(f"Context: {context}")
     model_cfg, params, tok = load_for_inference(FLAGS.workdir, FLAGS.step)
     gen = GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                            top_p=FLAGS.top_p, stop_tokens=(tok.eos_token_id,),
                            pad_id=int(tok.pad_token_id or 0), seed=FLAGS.seed)
     session = ChatSession(Generator(model_cfg, params), tok,
-                          area_resize_onehot(m, int(model_cfg.vit.image_size)), gen=gen)
+                          area_resize_onehot(m, int(model_cfg.vit.image_size)), gen=gen,
+                          context=context)
     if FLAGS.question:
         for q in FLAGS.question:
             print(f"Q: {q}")

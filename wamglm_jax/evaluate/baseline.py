@@ -5,10 +5,11 @@ class: the answer value is computed exactly as the dialogue builder computes it
 (`qa.dialogues.answer_value`) but from the *predicted* defect set, rendered with the same
 template sentence, parsed and scored like the model's answers (`evaluate.qa.score`).
 
-Kinds a classifier cannot answer (failing-die counts, yield, area, location, zone extent,
-lot comparison: facts of the map itself, not of its class) are reported as not applicable,
-so the comparison is on the kinds that depend on the defect type: defect_type, type_location
-(presence), cause, adjustment, why_type, severity, why_severity.
+Kinds a classifier cannot answer (failing-die counts, yield, area, location, zone extent:
+facts of the map itself, not of its class) are reported as not applicable, so the comparison
+is on the kinds that depend on the defect type: defect_type, type_location (presence), cause,
+adjustment, why_type, severity, why_severity, and batch (the lot context line, which the
+baseline is given like the model, combined with the predicted defect set).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from wamglm_jax.qa.dialogues import answer_value
 from wamglm_jax.qa.knowledge_base import KnowledgeBase, load_knowledge_base
 
 CLASS_KINDS = ("defect_type", "type_location", "cause", "adjustment", "why_type", "severity",
-               "why_severity")
+               "why_severity", "batch")
 
 
 def baseline_records(items: Sequence[dict], maps, predicted: dict[int, int], label_space: str,
@@ -42,7 +43,8 @@ def baseline_records(items: Sequence[dict], maps, predicted: dict[int, int], lab
             kind = key["kind"]
             if kind not in CLASS_KINDS:
                 continue
-            value = answer_value(kind, step, m, types, facts, it.get("batch", {"lot": None}), kb)
+            value = answer_value(kind, step, m, types, facts,
+                                 it.get("lot_context", {"lot": None}), kb)
             text = render_answer(kind, value, kb)
             parsed = parse_answer(kind, text, kb)
             records.append(dict(id=it["id"], turn=key["turn"], kind=kind, answer=text,
@@ -59,7 +61,7 @@ def summarize_baseline(records: Sequence[dict], predicted: dict[int, int], label
     cls_acc = float(np.mean([predicted[i] == int(labels[i]) for i in idx])) if idx else None
     return {"by_kind": {k: {"accuracy": float(np.mean(v)), "n": len(v)}
                         for k, v in sorted(by.items())},
-            "not_applicable": "count, zone_extent, yield, area, location, batch (map facts, "
+            "not_applicable": "count, zone_extent, yield, area, location (map facts, "
                               "not answerable from a class label)",
             "classifier_accuracy": cls_acc, "n_maps": len(idx)}
 

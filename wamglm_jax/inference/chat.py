@@ -5,14 +5,18 @@
     answer = session.ask("Why?")          # history kept, template re-rendered every turn
 
 The image is given once: `<image>` is put in front of the first user question (the template
-expands it into the N image tokens). Every turn re-renders the whole dialogue with the chat
-template (`qa.encode.encode_prompt`) and generates with the KV cache.
+expands it into the N image tokens), followed by the lot context line when one is given
+(`context=qa.dialogues.dataset_context_line(dataset, i)` for a dataset map with lot metadata;
+rendered by qa.dialogues.first_user_turn exactly as in the training dialogues). Every turn
+re-renders the whole dialogue with the chat template (`qa.encode.encode_prompt`) and generates
+with the KV cache.
 
 Context-length policy (prompt + max_new_tokens must fit `max_context`, default
 config.model.lm.max_seq_len): the oldest complete question/answer pairs after the image turn are
 dropped first (a message is printed naming how many); if only the image turn and the current
 question are left and they still do not fit, the image turn's pair is dropped too and `<image>`
-moves to the current question; if that single turn still does not fit, ContextLengthError.
+moves to the current question (with the context line); if that single turn still does not
+fit, ContextLengthError.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import numpy as np
 
 from wamglm_jax.inference.generate import GenerationConfig, Generator
 from wamglm_jax.models.wamglm import num_image_tokens
+from wamglm_jax.qa.dialogues import first_user_turn
 from wamglm_jax.qa.encode import encode_prompt
 
 IMAGE = "<image>"
@@ -34,7 +39,7 @@ class ContextLengthError(ValueError):
 class ChatSession:
     def __init__(self, generator: Generator, tokenizer, image, *,
                  gen: GenerationConfig | None = None, max_context: int | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, context: str | None = None):
         self.generator = generator
         self.tok = tokenizer
         self.image = np.asarray(image, np.float32)
@@ -47,6 +52,7 @@ class ChatSession:
         self.n_img = num_image_tokens(generator.cfg)
         self.history: list[dict] = []          # complete user/assistant pairs
         self.log = log
+        self.context = context or None         # lot context line of the first user turn
 
     def _prompt(self, messages):
         return encode_prompt(self.tok, messages, num_image_tokens=self.n_img,
@@ -61,7 +67,7 @@ class ChatSession:
             if msgs:
                 msgs.append({"role": "user", "content": question})
             else:
-                msgs = [{"role": "user", "content": f"{IMAGE}\n{question}"}]
+                msgs = [{"role": "user", "content": first_user_turn(question, self.context)}]
             ids = self._prompt(msgs)
             if len(ids) <= budget:
                 break
@@ -80,7 +86,8 @@ class ChatSession:
                      f"{self.max_context} tokens]")
         if self.history:                          # keep the image on the first user turn
             if IMAGE not in self.history[0]["content"]:
-                self.history[0]["content"] = f"{IMAGE}\n{self.history[0]['content']}"
+                self.history[0]["content"] = first_user_turn(self.history[0]["content"],
+                                                             self.context)
         return ids
 
     def ask(self, question: str, stream: Callable[[str], None] | None = None) -> str:
@@ -109,7 +116,8 @@ class ChatSession:
             stream(full[len(shown[0]):])
         first = not self.history
         self.history.append({"role": "user",
-                             "content": f"{IMAGE}\n{question}" if first else question})
+                             "content": first_user_turn(question, self.context) if first
+                             else question})
         self.history.append({"role": "assistant", "content": answer})
         return answer
 

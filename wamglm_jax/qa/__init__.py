@@ -1,10 +1,12 @@
 """WaferMapVMQA: knowledge base, facts from maps, dialogues, tokenizer, chat format, encoding.
 
   knowledge_base.py  load_knowledge_base(path=None) -> KnowledgeBase (schema-checked JSON)
-  facts.py           compute_facts(map), type_location(...), lot_index(meta), batch_facts(...)
+  facts.py           compute_facts(map), type_location(...), lot_index(meta), lot_context(...),
+                     batch_answer(context, types)
   answers.py         render_answer(kind, value, kb), parse_answer(kind, text, kb) (evaluation)
   phrasings.py       TRAIN / HELDOUT question phrasings per kind
-  dialogues.py       build_dialogues(dataset, ...) -> items; transform_item(item, map, k, flip)
+  dialogues.py       build_dialogues(dataset, ...) -> items; transform_item(item, map, k, flip);
+                     context_line / first_user_turn (lot context line, also used by the chat)
   io.py              write_vmqa / load_vmqa (JSONL + maps npz), TFDS ArrayRecord for grain
   tokenizer.py       train/save/load tokenizer, CHAT_TEMPLATE with {% generation %} marks
   encode.py          encode_dialogue / encode_items / encode_prompt, bucketed_batches

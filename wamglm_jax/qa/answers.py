@@ -19,10 +19,12 @@ Kinds and their values (the `value` of an answer_key entry):
   adjustment    {"kb_keys": list[str]}   entries whose actions are all given
   severity      {"severity": str, "kb_key": str}
   why_severity  {"kb_keys": list[str]}   entry whose severity_reason is given
-  batch         {"lot": None} (cannot tell) or {"lot": str, "n_wafers": int, "n_sharing": int,
-                 "patterned": bool} (n_sharing: other wafers of the lot sharing a defect type, or,
-                 when this wafer has no pattern, other wafers also without pattern; patterned
-                 is None when the lot has only this wafer)
+  batch         facts.batch_answer: {"lot": None} (no lot information: cannot tell) |
+                 {"lot", "n_other": 0} (no other wafer of the lot measured) |
+                 {"lot", "n_other", "n_patterned"} (this wafer has no pattern) |
+                 {"lot", "n_other", "shared": {pattern: other wafers showing it},
+                  "lot_wide": bool}; derivable from the first turn's lot context line and the
+                 map (lot ids must not contain spaces)
 `parse_answer` returns the same structure (kb-valued kinds: the set of keys found, sorted;
 fields it cannot find are None).
 """
@@ -136,16 +138,24 @@ def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None) -> str
         e = kb[value["kb_key"]]
         return f"Severity: {value['severity']}. Recommended disposition: {e.disposition}."
     if kind == "batch":
-        if value["lot"] is None:
+        lot = value["lot"]
+        if lot is None:
             return (f"{CANNOT_TELL}: it has no lot information, so I cannot compare it with "
                     "other wafers.")
-        n, s = value["n_wafers"], value["n_sharing"]
-        if n <= 1:
-            return (f"Lot {value['lot']} has only this wafer in the data, so there is nothing "
-                    "to compare.")
-        what = ("share a defect type with this one" if value["patterned"]
-                else "are also free of defect patterns")
-        return f"Lot {value['lot']} has {n} wafers in the data; {s} of the other {n - 1} {what}."
+        n = value["n_other"]
+        if n == 0:
+            return f"No other wafer of lot {lot} was measured, so there is nothing to compare."
+        others = f"{n} other wafer{'s' if n != 1 else ''} in lot {lot}"
+        if "shared" not in value:
+            k = value["n_patterned"]
+            return (f"This wafer shows no defect pattern; {k} of the {others} "
+                    f"{'has' if k == 1 else 'have'} failure patterns.")
+        parts = [f"{c} {'shows' if c == 1 else 'show'} the same {p} pattern"
+                 for p, c in value["shared"].items()]
+        verdict = ("so the cause is likely lot-wide (a shared tool or process step)"
+                   if value["lot_wide"] else "so it looks isolated to this wafer")
+        head = parts[0].replace(" ", f" of the {others} ", 1)
+        return f"{' and '.join([head] + parts[1:])}, {verdict}."
     raise ValueError(f"render_answer: unknown kind {kind!r}; expected one of {KINDS}")
 
 
@@ -238,16 +248,25 @@ def parse_answer(kind: str, text: str, kb: KnowledgeBase | None = None) -> Any:
                else found[0] if found else None)
         return {"severity": sev}
     if kind == "batch":
-        if "cannot tell" in text.lower():
+        t = text.lower()
+        if "cannot tell" in t:
             return {"lot": None}
-        m = re.search(r"Lot (\S+?) has", text)
-        lot = m.group(1) if m else None
-        patterned = not re.search(r"free of defect|without (?:a )?pattern|also normal",
-                                  text.lower())
-        if re.search(r"only this wafer", text):
-            return {"lot": lot, "n_wafers": 1, "n_sharing": 0, "patterned": None}
-        n = re.search(_INT + r" wafers", text)
-        s = re.search(_INT + r" of the other", text)
-        return {"lot": lot, "n_wafers": int(n.group(1)) if n else None,
-                "n_sharing": int(s.group(1)) if s else None, "patterned": patterned}
+        m = re.search(r"no other wafer of lot (\S+) was measured", text, re.IGNORECASE)
+        if m:
+            return {"lot": m.group(1), "n_other": 0}
+        m = re.search(_INT + r" of the " + _INT + r" other wafers? in lot (\S+) "
+                      r"(?:has|have|shows?)\b", text, re.IGNORECASE)
+        if not m:
+            return {"lot": None, "n_other": None}
+        lot, n = m.group(3), int(m.group(2))
+        if "no defect pattern" in t:
+            return {"lot": lot, "n_other": n, "n_patterned": int(m.group(1))}
+        shared = {}
+        for c, p in re.findall(_INT + r" (?:of the \d+ other wafers? in lot \S+ )?shows? the "
+                               r"same ([\w -]{1,12}?) pattern", text, re.IGNORECASE):
+            name = _PAT_RE.search(p)
+            if name:
+                shared[_canon_pattern(name.group(1))] = int(c)
+        lot_wide = True if "lot-wide" in t else False if "isolated" in t else None
+        return {"lot": lot, "n_other": n, "shared": shared, "lot_wide": lot_wide}
     raise ValueError(f"parse_answer: unknown kind {kind!r}; expected one of {KINDS}")

@@ -5,7 +5,8 @@ Item format (one dict per dialogue, JSON-serialisable):
   images        [str]  [f"{maps_name}#{image_index}"] (the map is row image_index of maps.npz)
   image_index   int    index of the map in the dataset the dialogue was built from
   messages      [{"role": "user"|"assistant", "content": str}], the first user turn starts
-                with "<image>\n"; 2..6 user/assistant exchanges
+                with "<image>\n", then (maps with lot metadata only) the lot context line and
+                "\n" (first_user_turn), then the question; 2..6 user/assistant exchanges
   class         int    label id in `label_space`;  class_name str; label_space str
   heldout       bool   True: held-out phrasings and a held-out question order
   answer_key    [{"turn": i (index into messages of the assistant turn), "kind": str,
@@ -13,6 +14,13 @@ Item format (one dict per dialogue, JSON-serialisable):
   plan          [{"kind": str, "q": int, "zone": str|None, "pattern": str|None}] the question
                 plan (zone: of zone_extent, pattern: of type_location), so the same
                 dialogue can be re-rendered on a transformed map (transform_item)
+  lot_context   facts.lot_context of the map ({"lot": None} without lot metadata); the
+                context line and the batch answers are rendered from it
+
+Lot context line: what a fab tool would put next to the map for the engineer, machine-rendered
+from the dataset's other wafers of the lot (context_line); the same function renders it for
+the chat (inference.chat.ChatSession(context=...), tools/chat.py), so batch questions are
+answerable from the model's input: context line + its own reading of the map.
 
 Augmentation choice: maps rotated/flipped for stage 2 must use `transform_item`, which rebuilds
 every answer (location sides, zone counts) from the transformed map with the same questions.
@@ -86,8 +94,37 @@ def sample_plan(rng: np.random.Generator, heldout: bool, types: Sequence[str] = 
     return plan
 
 
+def context_line(context: dict | None) -> str | None:
+    """The lot context line for facts.lot_context(...) `context`, e.g. "Lot L7, wafer 3. Other
+    wafers of this lot: 24 measured, 11 with failure patterns (Edge-Ring 9, Center 2)."
+    (patterns by count, then class order); None without lot metadata."""
+    if not context or context.get("lot") is None:
+        return None
+    wafer = context.get("wafer")
+    head = f"Lot {context['lot']}" + (f", wafer {wafer}." if wafer is not None else ".")
+    n, k = context["n_other"], context["n_patterned"]
+    if n == 0:
+        return f"{head} No other wafers of this lot were measured."
+    counts = sorted(context["pattern_counts"].items(),
+                    key=lambda pc: (-pc[1], WM811K_CLASSES.index(pc[0])))
+    detail = f" ({', '.join(f'{p} {c}' for p, c in counts)})" if counts else ""
+    return f"{head} Other wafers of this lot: {n} measured, {k} with failure patterns{detail}."
+
+
+def dataset_context_line(dataset, index: int) -> str | None:
+    """context_line of map `index` of a dataset (attributes labels, label_space, meta)."""
+    return context_line(F.lot_context(int(index), dataset.labels, dataset.label_space,
+                                      getattr(dataset, "meta", None)))
+
+
+def first_user_turn(question: str, context: str | None = None) -> str:
+    """The first user message: `<image>`, the lot context line if any, the question."""
+    return (f"{IMAGE_TOKEN}\n{context}\n{question}" if context
+            else f"{IMAGE_TOKEN}\n{question}")
+
+
 def answer_value(kind: str, step: dict, m: np.ndarray, types: list[str], facts: dict,
-                 batch: dict, kb: KnowledgeBase) -> Any:
+                 lot_context: dict, kb: KnowledgeBase) -> Any:
     """The expected value of a `kind` answer (the answer_key value)."""
     keys = types or ["none"]
     zone, pattern = step.get("zone"), step.get("pattern")
@@ -114,12 +151,13 @@ def answer_value(kind: str, step: dict, m: np.ndarray, types: list[str], facts: 
     if kind == "why_severity":
         return {"kb_keys": [kb.worst(types).pattern]}
     if kind == "batch":
-        return dict(batch)
+        return F.batch_answer(lot_context, types)
     raise ValueError(f"unknown question kind {kind!r}")
 
 
-def render_dialogue(m: np.ndarray, label_space: str, label: int, batch: dict, plan: list[dict],
-                    heldout: bool, kb: KnowledgeBase) -> tuple[list[dict], list[dict]]:
+def render_dialogue(m: np.ndarray, label_space: str, label: int, lot_context: dict,
+                    plan: list[dict], heldout: bool, kb: KnowledgeBase
+                    ) -> tuple[list[dict], list[dict]]:
     """Messages and answer key for `plan` on map `m` (facts recomputed from `m`)."""
     facts = F.compute_facts(m)
     types = sorted(defect_set(label_space, label), key=WM811K_CLASSES.index)
@@ -131,8 +169,8 @@ def render_dialogue(m: np.ndarray, label_space: str, label: int, batch: dict, pl
             q = q.format(zone=ZONE_WORDS.get(step.get("zone"), ""),
                          pattern=step.get("pattern"))
         if t == 0:
-            q = f"{IMAGE_TOKEN}\n{q}"
-        value = answer_value(step["kind"], step, m, types, facts, batch, kb)
+            q = first_user_turn(q, context_line(lot_context))
+        value = answer_value(step["kind"], step, m, types, facts, lot_context, kb)
         messages.append({"role": "user", "content": q})
         messages.append({"role": "assistant", "content": render_answer(step["kind"], value, kb)})
         key.append({"turn": len(messages) - 1, "kind": step["kind"], "value": value})
@@ -157,20 +195,21 @@ def build_dialogues(dataset, *, seed: int = 0, per_map: int = 1,
         label = int(dataset.labels[i])
         if label < 0:       # unlabeled map: no ground truth to ground the answers on
             continue
-        batch = F.batch_facts(i, dataset.labels, dataset.label_space, meta, lots)
+        ctx = F.lot_context(i, dataset.labels, dataset.label_space, meta, lots)
         for k in range(per_map):
             ho = bool(heldout) if isinstance(heldout, bool) else bool(rng.random() < heldout)
             plan = sample_plan(rng, ho, sorted(defect_set(dataset.label_space, label)))
             try:
                 messages, key = render_dialogue(dataset.maps[i], dataset.label_space, label,
-                                                batch, plan, ho, kb)
+                                                ctx, plan, ho, kb)
             except ValueError as e:
                 raise ValueError(f"{getattr(dataset, 'source', '') or 'dataset'}: map {i}: {e}"
                                  ) from None
             items.append({"id": f"{id_prefix}{i}-{k}", "images": [f"{maps_name}#{i}"],
                           "image_index": int(i), "messages": messages, "class": label,
                           "class_name": names[label], "label_space": dataset.label_space,
-                          "heldout": ho, "answer_key": key, "plan": plan, "batch": batch})
+                          "heldout": ho, "answer_key": key, "plan": plan,
+                          "lot_context": ctx})
     return items
 
 
@@ -186,8 +225,8 @@ def transform_item(item: dict, m: np.ndarray, k_rot: int, flip: bool,
     location side in particular, recomputed on the transformed map). Returns (item, map)."""
     kb = kb or load_knowledge_base()
     tm = transform_map(m, k_rot, flip)
-    messages, key = render_dialogue(tm, item["label_space"], item["class"], item["batch"],
-                                    item["plan"], item["heldout"], kb)
+    messages, key = render_dialogue(tm, item["label_space"], item["class"],
+                                    item["lot_context"], item["plan"], item["heldout"], kb)
     new = dict(item, messages=messages, answer_key=key, id=f"{item['id']}-r{int(k_rot) % 4}"
                f"{'f' if flip else ''}")
     return new, tm

@@ -21,10 +21,18 @@ or a person can recompute them by hand):
   If one quadrant holds >= 50 % of the failing dies the side is that quadrant
   ("upper-left", ...); else if one half (upper/lower/left/right, checked in that order) holds
   >= 70 % the side is that half; else "none" (no preferred side). No failing die -> None.
-* Batch (lot) comparison: wafers of the same lot in the dataset (meta['lot'] equal and not
-  None). `n_sharing` counts the OTHER wafers of the lot whose defect set shares a type with this
-  wafer's (for a wafer without pattern: other wafers also without pattern). No lot -> None:
-  the dialogue says it cannot tell, never invents a lot.
+* Lot context (what the engineer's tooling knows about the lot, shown to the model as a context
+  line in the first user turn, see qa.dialogues.context_line): the OTHER wafers of the same lot
+  in the dataset (meta['lot'] equal and not None; unlabeled wafers, label < 0, left out):
+  `n_other` of them, `n_patterned` with a defect pattern, `pattern_counts` {pattern: wafers
+  showing it} (a mixed-type wafer counts under each of its patterns). Never invented: no lot
+  -> {"lot": None} and no context line.
+* Batch answer (from the lot context + this wafer's own patterns, so a model that reads the
+  map and the context line can derive it): per pattern of this wafer, how many other wafers of
+  the lot show it; the pattern is lot-wide when at least LOT_WIDE_MIN other wafers AND at
+  least LOT_WIDE_SHARE of the other wafers show it (any pattern lot-wide -> lot_wide True,
+  "likely a shared tool or process step"), else isolated to this wafer. A wafer without
+  pattern: how many of the other wafers have a pattern. No lot: "cannot tell".
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from wamglm_jax.data.labels import defect_set
+from wamglm_jax.data.labels import WM811K_CLASSES, defect_set
 
 ZONES = ("center", "middle", "edge")
 ZONE_EDGES = (0.3, 0.8)          # rho thresholds between center|middle and middle|edge
@@ -43,6 +51,8 @@ QUADRANT_SHARE = 0.5
 HALF_SHARE = 0.7
 QUADRANTS = ("upper-left", "upper-right", "lower-left", "lower-right")
 HALVES = ("upper", "lower", "left", "right")
+LOT_WIDE_MIN = 2                  # a pattern on >= this many other wafers of the lot ...
+LOT_WIDE_SHARE = 0.2              # ... and on >= this share of them is lot-wide
 
 
 def _geometry(m: np.ndarray):
@@ -149,25 +159,45 @@ def lot_index(meta: Sequence[dict] | None) -> dict[str, list[int]]:
     return out
 
 
-def batch_facts(index: int, labels: Sequence[int], label_space: str,
+def lot_context(index: int, labels: Sequence[int], label_space: str,
                 meta: Sequence[dict] | None, lots: dict[str, list[int]] | None = None
                 ) -> dict[str, Any]:
-    """{lot: None} when the wafer has no lot; else {lot, n_wafers, n_sharing, patterned}
-    (patterned: this wafer has a defect pattern, so n_sharing counts wafers sharing a type;
-    else it counts the other wafers without pattern; None when the lot has only this wafer)."""
+    """{lot: None} when the wafer has no lot; else {lot, wafer (meta wafer_index or None),
+    n_other, n_patterned, pattern_counts {pattern: n} (nonzero only, WM811K class order)}
+    over the other labeled wafers of the lot (see the module docstring)."""
     md = (meta[index] if meta is not None and index < len(meta) else None) or {}
     lot = md.get("lot")
     if lot is None or str(lot) == "":
         return {"lot": None}
     lot = str(lot)
     lots = lots if lots is not None else lot_index(meta)
-    members = lots.get(lot, [index])
-    mine = defect_set(label_space, int(labels[index]))
-    sharing = 0
-    for j in members:
-        if j == index:
+    counts = {p: 0 for p in WM811K_CLASSES}
+    n_other = n_patterned = 0
+    for j in lots.get(lot, [index]):
+        if j == index or int(labels[j]) < 0:
             continue
         other = defect_set(label_space, int(labels[j]))
-        sharing += bool(mine & other) if mine else (not other)
-    return {"lot": lot, "n_wafers": len(members), "n_sharing": int(sharing),
-            "patterned": bool(mine) if len(members) > 1 else None}
+        n_other += 1
+        n_patterned += bool(other)
+        for p in other:
+            counts[p] += 1
+    wafer = md.get("wafer_index")
+    return {"lot": lot, "wafer": None if wafer is None else int(wafer), "n_other": n_other,
+            "n_patterned": n_patterned, "pattern_counts": {p: c for p, c in counts.items() if c}}
+
+
+def batch_answer(context: dict, types: Sequence[str]) -> dict[str, Any]:
+    """The batch answer value from the lot context and this wafer's patterns `types`:
+    {lot: None} | {lot, n_other: 0} | {lot, n_other, n_patterned} (wafer without pattern) |
+    {lot, n_other, shared {pattern: other wafers showing it}, lot_wide: bool}."""
+    lot = context.get("lot")
+    if lot is None:
+        return {"lot": None}
+    n = int(context["n_other"])
+    if n == 0:
+        return {"lot": lot, "n_other": 0}
+    if not types:
+        return {"lot": lot, "n_other": n, "n_patterned": int(context["n_patterned"])}
+    shared = {p: int(context["pattern_counts"].get(p, 0)) for p in types}
+    lot_wide = any(c >= LOT_WIDE_MIN and c >= LOT_WIDE_SHARE * n for c in shared.values())
+    return {"lot": lot, "n_other": n, "shared": shared, "lot_wide": bool(lot_wide)}

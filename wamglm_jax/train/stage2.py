@@ -573,12 +573,15 @@ def report_markdown(r: dict) -> str:
              f"accuracy {_pct(r['qa_summary']['dialogue_accuracy'])}; held-out phrasings: "
              f"{_pct(r['qa_summary']['heldout']['turn_accuracy'])} "
              f"(dialogues {_pct(r['qa_summary']['heldout']['dialogue_accuracy'])})",
-             f"- without `batch` (lot comparisons need lot metadata the model never sees): "
-             f"answer accuracy {_pct(r['qa_summary']['answerable']['turn_accuracy'])}, "
-             f"whole-dialogue {_pct(r['qa_summary']['answerable']['dialogue_accuracy'])}",
-             f"- vision tower: {r.get('vision_source')}", "",
-             "| kind | WamGLM | n | held-out phrasings | stage-1 + KB baseline |",
-             "|---|---|---|---|---|"]
+             ]
+    ans = r["qa_summary"].get("answerable") or {}
+    if ans.get("excluded_kinds"):     # kinds the model's input cannot answer (none by default)
+        lines.append(f"- without {', '.join(ans['excluded_kinds'])} (not answerable from the "
+                     f"model's input): answer accuracy {_pct(ans['turn_accuracy'])}, "
+                     f"whole-dialogue {_pct(ans['dialogue_accuracy'])}")
+    lines += [f"- vision tower: {r.get('vision_source')}", "",
+              "| kind | WamGLM | n | held-out phrasings | stage-1 + KB baseline |",
+              "|---|---|---|---|---|"]
     base = (r.get("baseline") or {}).get("by_kind", {})
     ho = r["qa_summary"]["heldout"]["by_kind"]
     for k, v in r["qa"].items():
