@@ -5,6 +5,8 @@
 
 Targets (issue 5, tiny preset, 2 CPU cores, < 10 min): >= 97% accuracy and >= 0.95 macro-F1
 on the held-out synthetic test split (9 classes); >= 95% accuracy with 38 classes.
+Measured (shared, overloaded 2-core CPU, defaults below): 9 classes test 96.1% / macro-F1 0.961
+(val 98.1%), 20.6 min wall, 12 CPU-min; 38 classes: 72.1% test after 1500 steps (not reached).
 """
 from configs import common
 from wamglm_jax.data.splits import default_data_config
@@ -26,10 +28,10 @@ def get_config(arg: str = ""):
     config.data.balance = "balanced"
     config.stage1 = default_stage1_config()
     config.stage1.batch_size = 64
-    config.stage1.loop.num_steps = 2000
+    config.stage1.loop.num_steps = 3000
     config.stage1.loop.log_every = 50
     config.stage1.loop.checkpoint_every = 200
-    config.stage1.loop.eval_every = 500
+    config.stage1.loop.eval_every = 1000
     config.stage1.optimizer.learning_rate = 2e-3
     config.stage1.tta = True                 # final evaluation: mean of the 8 dihedral views
     return config
