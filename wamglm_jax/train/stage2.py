@@ -69,6 +69,7 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
         vocab_size=1024,            # tokenizer training
         tokenizer_dir="",           # a pretrained HF tokenizer instead of training one
         chat_template="",           # its replacement template (with {% generation %} marks)
+        kb_path="",                 # your fab's knowledge-base JSON (default: the packaged one)
         init_vision_from_stage1=True,
         init_lm_from="",            # a local HF Llama-family dir: the LM starts from its weights
                                     # (config.model.lm is then taken from it; use its tokenizer)
@@ -362,7 +363,7 @@ def run(config, workdir, mesh=None) -> dict:
             return report
 
     # 1. data, dialogues, tokenizer
-    kb = load_knowledge_base()
+    kb = load_knowledge_base(s2.kb_path or None)
     splits = load_splits(config.data)
     seed = int(config.seed)
     items = {"train": build_dialogues(splits["train"], seed=seed, per_map=int(s2.per_map),
