@@ -16,16 +16,22 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory with stage2/ (and tokenizer/).")
-flags.DEFINE_string("map", None, "Map file (.npy/.npz/.png/.csv/dataset dir); default: generated.")
-flags.DEFINE_integer("index", None, "Row of a multi-map file.")
-flags.DEFINE_multi_string("question", [], "Question (repeatable; one per turn).")
-flags.DEFINE_integer("seed", 0, "Seed of the generated map (no --map).")
-flags.DEFINE_integer("max_new_tokens", 128, "Longest answer in tokens.")
-flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with temperature > 0).")
-flags.DEFINE_integer("step", None, "Stage-2 checkpoint step (default: latest).")
-flags.DEFINE_bool("color", None, "Colour the map (default: when stdout is a terminal).")
+
+
+def define_flags() -> None:
+    """Flags of the command line, defined only when run as a script, so that importing
+    this module (tests, other tools) never clashes with another module's --workdir."""
+    flags.DEFINE_string("workdir", None, "Run directory with stage2/ (and tokenizer/).")
+    flags.DEFINE_string("map", None, "Map file (.npy/.npz/.png/.csv/dataset dir); default: generated.")
+    flags.DEFINE_integer("index", None, "Row of a multi-map file.")
+    flags.DEFINE_multi_string("question", [], "Question (repeatable; one per turn).")
+    flags.DEFINE_integer("seed", 0, "Seed of the generated map (no --map).")
+    flags.DEFINE_integer("max_new_tokens", 128, "Longest answer in tokens.")
+    flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with temperature > 0).")
+    flags.DEFINE_integer("step", None, "Stage-2 checkpoint step (default: latest).")
+    flags.DEFINE_bool("color", None, "Colour the map (default: when stdout is a terminal).")
+
 
 _CHARS = {0: " ", 1: ".", 2: "X"}
 _COLORS = {0: "\033[90m", 1: "\033[32m", 2: "\033[31;1m"}
@@ -115,4 +121,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
