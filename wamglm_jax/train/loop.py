@@ -91,6 +91,26 @@ class _QuietOrbax:
         return record.levelno >= 30 or "orbax" not in (record.pathname or "")
 
 
+def merge_section(config, name: str, defaults: ml_collections.ConfigDict
+                  ) -> ml_collections.ConfigDict:
+    """config.<name> on top of `defaults`, nested sections merged field by field; an unknown
+    field (a typo in a config file or a --config override) is an error naming it."""
+    given = config[name].to_dict() if name in config else {}
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"config.{name} has unknown fields {unknown}; known: {sorted(defaults)}")
+    for k, v in given.items():
+        if isinstance(v, dict):
+            bad = sorted(set(v) - set(defaults[k]))
+            if bad:
+                raise ValueError(f"config.{name}.{k} has unknown fields {bad}; known: "
+                                 f"{sorted(defaults[k])}")
+            defaults[k].update(v)
+        else:
+            defaults[k] = v
+    return defaults
+
+
 def quiet_orbax_logs():
     handler = logging.get_absl_handler()
     if not any(isinstance(f, _QuietOrbax) for f in handler.filters):

@@ -66,20 +66,7 @@ def default_stage1_config(**overrides) -> ml_collections.ConfigDict:
 
 def _stage_cfg(config) -> ml_collections.ConfigDict:
     """config.stage1 on top of the defaults (nested sections merged field by field)."""
-    base = default_stage1_config()
-    given = config.stage1.to_dict() if "stage1" in config else {}
-    unknown = sorted(set(given) - set(base))
-    if unknown:
-        raise ValueError(f"config.stage1 has unknown fields {unknown}; known: {sorted(base)}")
-    for k, v in given.items():
-        if isinstance(v, dict):
-            bad = sorted(set(v) - set(base[k]))
-            if bad:
-                raise ValueError(f"config.stage1.{k} has unknown fields {bad}; known: "
-                                 f"{sorted(base[k])}")
-            base[k].update(v)
-        else:
-            base[k] = v
+    base = loop.merge_section(config, "stage1", default_stage1_config())
     if base.class_weighting not in ("none", "sqrt", "full"):
         raise ValueError(f"config.stage1.class_weighting={base.class_weighting!r}: expected "
                          "'none', 'sqrt' or 'full'")

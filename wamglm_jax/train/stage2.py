@@ -90,20 +90,7 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
 
 def stage_cfg(config) -> ml_collections.ConfigDict:
     """config.stage2 on top of the defaults (nested sections merged field by field)."""
-    base = default_stage2_config()
-    given = config.stage2.to_dict() if "stage2" in config else {}
-    unknown = sorted(set(given) - set(base))
-    if unknown:
-        raise ValueError(f"config.stage2 has unknown fields {unknown}; known: {sorted(base)}")
-    for k, v in given.items():
-        if isinstance(v, dict):
-            bad = sorted(set(v) - set(base[k]))
-            if bad:
-                raise ValueError(f"config.stage2.{k} has unknown fields {bad}; known: "
-                                 f"{sorted(base[k])}")
-            base[k].update(v)
-        else:
-            base[k] = v
+    base = loop.merge_section(config, "stage2", default_stage2_config())
     if base.max_len > config.model.lm.max_seq_len:
         raise ValueError(f"config.stage2.max_len={base.max_len} exceeds "
                          f"config.model.lm.max_seq_len={config.model.lm.max_seq_len}")
