@@ -92,3 +92,22 @@ def test_evaluate_rejects_wrong_label_space(trained, tmp_path):
              label_names=np.array(L.MIXED_TYPES))
     with pytest.raises(ValueError, match="mixedwm38"):
         evaluate.main([f"--workdir={tmp / 'run'}", f"--data={bad}"])
+
+
+def test_load_variables_under_an_active_mesh(trained):
+    """Stage 2 and the tools restore stage 1 while a mesh is entered (as under main.py): the
+    restore must give the same arrays as without one (nn.unbox on abstract values used to fail)."""
+    import jax
+    tmp, _ = trained
+    config = stage1.load_run_config(tmp / "run")
+    mesh = make_mesh(config.mesh)
+    rules = shd.rules_from_config(config)
+    with shd.activate(mesh, rules):
+        _, under_mesh, src = stage1.load_variables(tmp / "run", config, mesh, 9, rules)
+    _, plain, src_plain = stage1.load_variables(tmp / "run", config, mesh, 9, rules)
+    assert src == src_plain
+    flat_a = jax.tree_util.tree_leaves_with_path(under_mesh)
+    flat_b = dict(jax.tree_util.tree_leaves_with_path(plain))
+    assert len(flat_a) == len(flat_b) > 0
+    for path, a in flat_a:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(flat_b[path]))

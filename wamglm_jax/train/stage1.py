@@ -229,8 +229,7 @@ def abstract_state(config, model, mesh, s1, rules) -> TrainState:
         boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((n, s, s, 3)), train=False),
                                jax.random.PRNGKey(0))
         shardings = shd.shardings_of(boxed, mesh, rules)
-    import flax.linen as nn
-    variables = nn.unbox(boxed)
+    variables = shd.unbox_values(boxed)   # nn.unbox would constrain abstract values under a mesh
     tx, _ = optim.make_optimizer(s1.optimizer, s1.loop.num_steps, variables["params"])
     abstract = jax.eval_shape(lambda v: TrainState.create(
         params=v["params"], batch_stats=v.get("batch_stats", {}), tx=tx,
