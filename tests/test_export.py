@@ -22,6 +22,7 @@ from wamglm_jax.models import WamGLM, lora as lora_lib, num_image_tokens  # noqa
 from wamglm_jax.qa.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
 from wamglm_jax.train.checkpoint import Checkpointer  # noqa: E402
 from wamglm_jax.train.state import TrainState  # noqa: E402
+from test_hf_parity import randomise  # noqa: E402  (tests/ is on sys.path under pytest)
 
 TOL = 1e-4
 TEXTS = ["The wafer map shows an Edge-Ring pattern near the edge.",
@@ -215,15 +216,6 @@ def test_convert_cli_refuses_nonempty_output_and_bad_workdir(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- import
-def randomise(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.1
-            p.copy_(1.0 + noise if "norm" in name and name.endswith("weight") else noise * 2)
-    return model.eval()
-
-
 def restore_import(out):
     import orbax.checkpoint as ocp
     meta = json.load(open(os.path.join(out, "model_config.json")))
