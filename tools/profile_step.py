@@ -116,7 +116,6 @@ def build_stage2(config, batch_size, seq_len, mesh, rules):
     import jax
     import numpy as np
 
-    from wamglm_jax.models import lora as lora_lib
     from wamglm_jax.models.wamglm import WamGLM, num_image_tokens
     from wamglm_jax.parallel import sharding as shd
     from wamglm_jax.train import stage2
@@ -135,11 +134,7 @@ def build_stage2(config, batch_size, seq_len, mesh, rules):
     params, _ = stage2.init_params(model, cfg, mesh, rules, seed)
     alpha, lora_on = float(s2.lora.alpha), int(s2.lora.rank) > 0
     if lora_on:
-        targets = "|".join(r for r in (s2.lora.lm_regex, s2.lora.vision_regex) if r)
-        lo = lora_lib.init_lora(params, int(s2.lora.rank), alpha, targets,
-                                jax.random.PRNGKey(seed + 2),
-                                stacked_regex=r"/layers/" if cfg.scan_layers else None)
-        params["lora"] = jax.device_put(lo, shd.replicated(mesh))
+        stage2.attach_lora(params, s2, cfg, mesh, seed)
     state, _ = stage2.make_state(params, stage2._opt_cfg(s2, lora_on), 1000, mesh, rules, seed)
     rng = np.random.default_rng(seed)
     s = cfg.vit.image_size

@@ -88,6 +88,17 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
     return c
 
 
+def attach_lora(params: dict, s2, model_cfg, mesh, seed: int) -> dict:
+    """Adds unmerged LoRA factors (config.stage2.lora: rank, alpha, LM/tower regexes) to
+    params['lora'], replicated on the mesh; returns them."""
+    targets = "|".join(r for r in (s2.lora.lm_regex, s2.lora.vision_regex) if r)
+    lo = lora_lib.init_lora(params, int(s2.lora.rank), float(s2.lora.alpha), targets,
+                            jax.random.PRNGKey(seed + 2),
+                            stacked_regex=r"/layers/" if model_cfg.scan_layers else None)
+    params["lora"] = jax.device_put(lo, shd.replicated(mesh))
+    return lo
+
+
 def stage_cfg(config) -> ml_collections.ConfigDict:
     """config.stage2 on top of the defaults (nested sections merged field by field)."""
     base = loop.merge_section(config, "stage2", default_stage2_config())
@@ -432,11 +443,7 @@ def run(config, workdir, mesh=None) -> dict:
         params["projector"] = a_res.state.params["projector"]
         align_info = dict(steps=a_res.step, final_train_loss=a_res.final_train_loss)
     if lora_on:
-        targets = "|".join(r for r in (s2.lora.lm_regex, s2.lora.vision_regex) if r)
-        lo = lora_lib.init_lora(params, int(s2.lora.rank), alpha, targets,
-                                jax.random.PRNGKey(seed + 2),
-                                stacked_regex=r"/layers/" if model_cfg.scan_layers else None)
-        params["lora"] = jax.device_put(lo, shd.replicated(mesh))
+        lo = attach_lora(params, s2, model_cfg, mesh, seed)
         logging.info("stage2: LoRA rank %d on %d kernels (%d adapter parameters)",
                      int(s2.lora.rank), len(jax.tree.leaves(lo)) // 2, lora_lib.count(lo))
     state, schedule = make_state(params, _opt_cfg(s2, lora_on), num_steps, mesh, rules, seed)
