@@ -3,9 +3,14 @@ report on `val`.
 
     python -m wamglm_jax.main --config=configs/stage1_mixedwm38.py --workdir=DIR
         [--config.data.path=/path/to/mixedwm38_real.npz]
+    python -m wamglm_jax.main --config=configs/stage1_mixedwm38.py:cpu --workdir=DIR
 
 Classes are near-balanced (~1,000 maps each except Near-full 149 and Random 866): BalSCL plus
-square-root class-balanced sampling. Sized for one GPU (the `small` ViT at 64x64 on 52x52 maps).
+square-root class-balanced sampling. The default is sized for one GPU (the `small` ViT at 64x64
+on the 52x52 maps); `:cpu` is the 2-core CPU run of the README (a 4-block width-96 ViT at 48x48,
+patch 6: 64 tokens). Any preset name works as the arg too (`:tiny`, `:base`).
+No test-time augmentation: on `val` the identity view of a tiny run scored 0.904 and the
+rotated/flipped views 0.88-0.90, so the 8-view average (0.897) lost to the single view.
 """
 from configs import common
 from wamglm_jax.data.splits import default_data_config
@@ -13,7 +18,8 @@ from wamglm_jax.train.stage1 import default_stage1_config
 
 
 def get_config(arg: str = ""):
-    config = common.base_config(arg or "small")
+    cpu = arg == "cpu"
+    config = common.base_config("tiny" if cpu else (arg or "small"))
     config.stages = ("stage1",)
     config.data = default_data_config()
     config.data.source = "file"
@@ -26,11 +32,19 @@ def get_config(arg: str = ""):
     config.stage1 = default_stage1_config()
     config.stage1.batch_size = 128
     config.stage1.eval_batch_size = 512
-    config.stage1.tta = True
+    config.stage1.tta = False
     config.stage1.report_split = "val"
     config.stage1.loop.num_steps = 4000
     config.stage1.loop.log_every = 100
     config.stage1.loop.eval_every = 500
     config.stage1.loop.checkpoint_every = 500
     config.stage1.optimizer.learning_rate = 1e-3
+    if cpu:
+        config.model.vit.update(image_size=48, patch_size=6, hidden_size=96,
+                                intermediate_size=192, num_layers=4, num_heads=4)
+        config.stage1.batch_size = 64
+        config.stage1.eval_batch_size = 256
+        config.stage1.loop.num_steps = 3000
+        config.stage1.loop.eval_every = 1000
+        config.stage1.optimizer.learning_rate = 2e-3
     return config

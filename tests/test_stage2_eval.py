@@ -107,3 +107,10 @@ def test_report_markdown_lists_every_kind(data):
     md = report_markdown(report)
     for kind, v in s["by_kind"].items():
         assert f"| {kind} | {100 * v['accuracy']:.1f}% | {v['n']} |" in md
+        # training / held-out phrasing columns, recounted from the records
+        cols = []
+        for heldout in (False, True):
+            ok = [r["correct"] for r in recs if r["kind"] == kind and r["heldout"] == heldout]
+            cols.append(f"{100 * np.mean(ok):.1f}%" if ok else "n/a")
+        assert f"| {kind} | {100 * v['accuracy']:.1f}% | {v['n']} | {cols[0]} | {cols[1]} |" \
+            in md

@@ -575,12 +575,15 @@ def report_markdown(r: dict) -> str:
                      f"model's input): answer accuracy {_pct(ans['turn_accuracy'])}, "
                      f"whole-dialogue {_pct(ans['dialogue_accuracy'])}")
     lines += [f"- vision tower: {r.get('vision_source')}", "",
-              "| kind | WamGLM | n | held-out phrasings | stage-1 + KB baseline |",
-              "|---|---|---|---|---|"]
+              "| kind | WamGLM | n | training phrasings | held-out phrasings | "
+              "stage-1 + KB baseline |",
+              "|---|---|---|---|---|---|"]
     base = (r.get("baseline") or {}).get("by_kind", {})
     ho = r["qa_summary"]["heldout"]["by_kind"]
+    seen = r["qa_summary"].get("seen", {}).get("by_kind", {})
     for k, v in r["qa"].items():
         lines.append(f"| {k} | {_pct(v['accuracy'])} | {v['n']} | "
+                     f"{_pct(seen[k]['accuracy']) if k in seen else 'n/a'} | "
                      f"{_pct(ho[k]['accuracy']) if k in ho else 'n/a'} | "
                      f"{_pct(base[k]['accuracy']) if k in base else 'n/a'} |")
     if r.get("baseline") and "classifier_accuracy" in r["baseline"]:
