@@ -72,6 +72,13 @@ def test_baseline_with_true_labels_is_perfect_and_wrong_labels_are_not(data):
     assert [r["correct"] for r in dt] == want
     s = bl.summarize_baseline(recs, none, ds.labels)
     np.testing.assert_allclose(s["classifier_accuracy"], np.mean([ds.labels[i] == 8 for i in none]))
+    # the training / held-out phrasing splits, recounted from the items' heldout flags
+    heldout_of = {it["id"]: it["heldout"] for it in items}
+    for part, flag in (("seen", False), ("heldout", True)):
+        ok = [w for r, w in zip(dt, want) if heldout_of[r["id"]] == flag]
+        assert ok, part
+        assert s[part]["by_kind"]["defect_type"]["n"] == len(ok)
+        np.testing.assert_allclose(s[part]["by_kind"]["defect_type"]["accuracy"], np.mean(ok))
 
 
 def test_lm_loss_matches_numpy():

@@ -53,14 +53,22 @@ def baseline_records(items: Sequence[dict], maps, predicted: dict[int, int], lab
     return records
 
 
-def summarize_baseline(records: Sequence[dict], predicted: dict[int, int], labels) -> dict:
+def _by_kind(records: Sequence[dict]) -> dict:
     by = defaultdict(list)
     for r in records:
         by[r["kind"]].append(r["correct"])
+    return {k: {"accuracy": float(np.mean(v)), "n": len(v)} for k, v in sorted(by.items())}
+
+
+def summarize_baseline(records: Sequence[dict], predicted: dict[int, int], labels) -> dict:
+    """Per-kind accuracy over all records, and over the same training-phrasing (`seen`) and
+    held-out-phrasing (`heldout`) answers the model's summary splits by (so the two can be
+    compared answer for answer)."""
     idx = sorted(predicted)
     cls_acc = float(np.mean([predicted[i] == int(labels[i]) for i in idx])) if idx else None
-    return {"by_kind": {k: {"accuracy": float(np.mean(v)), "n": len(v)}
-                        for k, v in sorted(by.items())},
+    return {"by_kind": _by_kind(records),
+            "seen": {"by_kind": _by_kind([r for r in records if not r["heldout"]])},
+            "heldout": {"by_kind": _by_kind([r for r in records if r["heldout"]])},
             "not_applicable": "count, zone_extent, yield, area, location (map facts, "
                               "not answerable from a class label)",
             "classifier_accuracy": cls_acc, "n_maps": len(idx)}

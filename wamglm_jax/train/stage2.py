@@ -576,16 +576,22 @@ def report_markdown(r: dict) -> str:
                      f"whole-dialogue {_pct(ans['dialogue_accuracy'])}")
     lines += [f"- vision tower: {r.get('vision_source')}", "",
               "| kind | WamGLM | n | training phrasings | held-out phrasings | "
-              "stage-1 + KB baseline |",
+              "stage-1 + KB baseline (training / held-out) |",
               "|---|---|---|---|---|---|"]
-    base = (r.get("baseline") or {}).get("by_kind", {})
+    b = r.get("baseline") or {}
+    base = b.get("by_kind", {})
+    bseen = b.get("seen", {}).get("by_kind", {})
+    bho = b.get("heldout", {}).get("by_kind", {})
     ho = r["qa_summary"]["heldout"]["by_kind"]
     seen = r["qa_summary"].get("seen", {}).get("by_kind", {})
+
+    def cell(d, k):
+        return _pct(d[k]["accuracy"]) if k in d else "n/a"
+
     for k, v in r["qa"].items():
-        lines.append(f"| {k} | {_pct(v['accuracy'])} | {v['n']} | "
-                     f"{_pct(seen[k]['accuracy']) if k in seen else 'n/a'} | "
-                     f"{_pct(ho[k]['accuracy']) if k in ho else 'n/a'} | "
-                     f"{_pct(base[k]['accuracy']) if k in base else 'n/a'} |")
+        split = f" ({cell(bseen, k)} / {cell(bho, k)})" if k in bseen or k in bho else ""
+        lines.append(f"| {k} | {_pct(v['accuracy'])} | {v['n']} | {cell(seen, k)} | "
+                     f"{cell(ho, k)} | {cell(base, k)}{split} |")
     if r.get("baseline") and "classifier_accuracy" in r["baseline"]:
         lines += ["", f"Baseline classifier accuracy on these maps: "
                       f"{_pct(r['baseline']['classifier_accuracy'])} "
