@@ -9,7 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = ["--config.model.vit.image_size=16", "--config.data.num_train=192",
+TINY = ["--config.model.vit.image_size=16", "--config.model.vit.patch_size=4",
+        "--config.data.num_train=192",
         "--config.data.num_val=48", "--config.data.num_test=40", "--config.stage1.batch_size=16",
         "--config.stage1.eval_batch_size=32", "--config.stage1.loop.num_steps=6",
         "--config.stage1.loop.log_every=2", "--config.stage1.loop.eval_every=3",

@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
     """A 4-step stage-1 model (trained in-process) and a 30-map npz with train/val splits."""
     tmp = tmp_path_factory.mktemp("tools")
     config = stage1_config.get_config("")
-    config.model.vit.image_size = 16
+    config.model.vit.update(image_size=16, patch_size=4)
     config.data.update(dict(num_train=96, num_val=16, num_test=16))
     config.stage1.update(dict(batch_size=16, eval_batch_size=32))
     config.stage1.loop.update(dict(num_steps=4, log_every=2, eval_every=0, checkpoint_every=2))
