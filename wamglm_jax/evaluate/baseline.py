@@ -13,13 +13,12 @@ baseline is given like the model, combined with the predicted defect set).
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Sequence
 
 import numpy as np
 
 from wamglm_jax.data.labels import WM811K_CLASSES, defect_set
-from wamglm_jax.evaluate.qa import score
+from wamglm_jax.evaluate.qa import score, summarize
 from wamglm_jax.qa import facts as F
 from wamglm_jax.qa.answers import parse_answer, render_answer
 from wamglm_jax.qa.dialogues import answer_value
@@ -53,22 +52,17 @@ def baseline_records(items: Sequence[dict], maps, predicted: dict[int, int], lab
     return records
 
 
-def _by_kind(records: Sequence[dict]) -> dict:
-    by = defaultdict(list)
-    for r in records:
-        by[r["kind"]].append(r["correct"])
-    return {k: {"accuracy": float(np.mean(v)), "n": len(v)} for k, v in sorted(by.items())}
-
-
 def summarize_baseline(records: Sequence[dict], predicted: dict[int, int], labels) -> dict:
     """Per-kind accuracy over all records, and over the same training-phrasing (`seen`) and
     held-out-phrasing (`heldout`) answers the model's summary splits by (so the two can be
-    compared answer for answer)."""
+    compared answer for answer): the model's own `evaluate.qa.summarize`, applied to the
+    baseline's records."""
     idx = sorted(predicted)
     cls_acc = float(np.mean([predicted[i] == int(labels[i]) for i in idx])) if idx else None
-    return {"by_kind": _by_kind(records),
-            "seen": {"by_kind": _by_kind([r for r in records if not r["heldout"]])},
-            "heldout": {"by_kind": _by_kind([r for r in records if r["heldout"]])},
+    s = summarize(records)
+    return {"by_kind": s["by_kind"],
+            "seen": {"by_kind": s["seen"]["by_kind"]},
+            "heldout": {"by_kind": s["heldout"]["by_kind"]},
             "not_applicable": "count, zone_extent, yield, area, location (map facts, "
                               "not answerable from a class label)",
             "classifier_accuracy": cls_acc, "n_maps": len(idx)}
