@@ -1,6 +1,11 @@
 """The longer synthetic run whose numbers the stage-2 targets refer to (issue 6).
 
     python -m wamglm_jax.main --config=configs/benchmark_qa.py --workdir=DIR
+    python -m wamglm_jax.main --config=configs/benchmark_qa.py:cpu --workdir=DIR
+
+`:cpu` is the reduced 2-core run of the README: stage 1 exactly as configs/stage1.py (40k maps,
+the tiny ViT at 64x64 / patch 8, 3,600 steps), then the tiny LM, one dialogue per map, 2,500
+steps of 32 dialogues.
 
 Targets on held-out synthetic maps (`test` split, half of its dialogues with held-out
 phrasings/orders): defect-type answers >= 95% (>= 90% on the held-out phrasings), numeric
@@ -17,6 +22,8 @@ from wamglm_jax.train.stage2 import default_stage2_config
 
 
 def get_config(arg: str = ""):
+    if arg not in ("", "cpu"):
+        raise ValueError(f"configs/benchmark_qa.py: arg {arg!r}; expected '' or 'cpu'")
     config = common.base_config("tiny")
     config.stages = ("stage1", "stage2")
     config.model.lm.hidden_size = 256
@@ -47,4 +54,17 @@ def get_config(arg: str = ""):
     config.stage2.align.num_steps = 300
     config.stage2.eval.split = "test"
     config.stage2.eval.num_maps = 500
+    config.stage2.question_noise.dialogue_prob = 0.5      # qa/augment.py
+    if arg == "cpu":
+        lm = common.base_config("tiny").model.lm            # the tiny LM, 512 positions
+        lm.max_seq_len = 512
+        config.model.lm = lm
+        config.model.vit.update(image_size=64, patch_size=8)
+        config.data.update(num_train=40_000, num_val=2_000, num_test=4_000)
+        config.stage1.batch_size = 64
+        config.stage1.loop.num_steps = 3600
+        config.stage1.loop.eval_every = 1200
+        config.stage1.tta = True
+        config.stage2.per_map = 1
+        config.stage2.loop.num_steps = 2500
     return config

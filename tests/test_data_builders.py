@@ -14,6 +14,7 @@ from wamglm_jax.data.dataset import DatasetFormatError, load_dataset  # noqa: E4
 from wamglm_jax.data.generator import generate  # noqa: E402
 from wamglm_jax.data.pipeline import image_loader  # noqa: E402
 from wamglm_jax.data.preprocess import area_resize_onehot  # noqa: E402
+from wamglm_jax.data.splits import synthetic_lot_numbers  # noqa: E402
 from wamglm_jax.data.wm811k import UntrustedPickleError  # noqa: E402
 from tools import make_dataset  # noqa: E402
 
@@ -25,7 +26,8 @@ def test_synthetic_builder_roundtrip_and_grain(tmp_path):
     assert builders.Mixedwm38.name == "mixedwm38"
     assert b.info.splits["train"].num_examples == 27 and "test" not in b.info.splits
     assert any(f.endswith("array_record-00000-of-00001") for f in os.listdir(b.data_dir))
-    want = generate(27, seed=3, lot_prefix="syn-train3-lot")
+    want = generate(27, seed=3, lot_prefix="L",
+                    lot_numbers=synthetic_lot_numbers(3, "train", 27))
     src = builders.data_source(str(tmp_path), "train")
     assert len(src) == 27
     got = sorted((src[i]["index"], src[i]) for i in range(27))

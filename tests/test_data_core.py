@@ -1,4 +1,6 @@
 """wafer.check_map, preprocess (area resize vs brute force, views), generator, splits."""
+import re
+
 import numpy as np
 import pytest
 
@@ -148,7 +150,12 @@ def test_load_splits_synthetic_distinct_and_deterministic():
         assert all(np.array_equal(a, b) for a, b in zip(s1[k].maps, s2[k].maps))
     tr = {m.tobytes() + bytes(m.shape) for m in s1["train"].maps}
     assert not tr & {m.tobytes() + bytes(m.shape) for m in s1["val"].maps}
-    assert not {d["lot"] for d in s1["train"].meta} & {d["lot"] for d in s1["test"].meta}
+    lots = {k: {d["lot"] for d in s1[k].meta} for k in s1}
+    assert not lots["train"] & lots["test"] and not lots["train"] & lots["val"]
+    assert not lots["val"] & lots["test"]
+    # Same form in every split (a model must not be able to tell the split from the id).
+    form = re.compile(r"^L[1-9]\d{5}$")
+    assert all(form.match(lot) for k in lots for lot in lots[k]), lots
     cfg.background = 0.0
     clean = load_splits(cfg)["train"]
     none = [m for m, y in zip(clean.maps, clean.labels) if y == L.WM811K_CLASSES.index("none")]
@@ -175,3 +182,10 @@ def test_load_splits_from_file(tmp_path):
     cfg.eval_split, cfg.label_space = "val", "mixedwm38"
     with pytest.raises(ValueError, match="label space 'wm811k'"):
         load_splits(cfg)
+
+
+def test_generator_lot_numbers_name_lots_and_too_few_are_rejected():
+    ds = generate(40, seed=2, lot_prefix="X", lot_numbers=np.arange(700, 706))
+    assert {d["lot"] for d in ds.meta} <= {f"X{k}" for k in range(700, 706)}
+    with pytest.raises(ValueError, match="lot_numbers has 1 entries"):
+        generate(40, seed=2, lot_numbers=[5])

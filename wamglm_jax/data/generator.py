@@ -240,7 +240,7 @@ def _lot_shapes(num_lots, rng, shapes):
 
 def generate(num: int, seed: int = 0, label_space: str = "wm811k", balance="balanced",
              shapes=None, background: float = 1.0, chunk: int = 2048,
-             lot_prefix: str | None = None) -> WaferDataset:
+             lot_prefix: str | None = None, lot_numbers=None) -> WaferDataset:
     """Generates ``num`` labelled maps, deterministic from ``seed``.
 
     label_space: 'wm811k' (9 classes) or 'mixedwm38' (38 classes, MixedWM38 order).
@@ -251,7 +251,9 @@ def generate(num: int, seed: int = 0, label_space: str = "wm811k", balance="bala
     WM-811K-like grids are cropped to the dies on the wafer (as in LSWMD.pkl); fixed grids
     (``shapes`` given, or 52x52 for mixedwm38) keep their full size, as in MixedWM38.
     Maps are ordered lot by lot; meta holds lot, wafer_index (1..25), die_size (dies on the
-    wafer, as WM-811K's dieSize), grid and the pattern types.
+    wafer, as WM-811K's dieSize), grid and the pattern types. Lot k (0-based) is named
+    f"{lot_prefix}{lot_numbers[k]}" (default prefix f"syn{seed}-lot", numbers 1, 2, ...);
+    ``lot_numbers`` needs at least num // 8 + 1 entries (the most lots ``num`` maps can form).
     """
     if num < 0:
         raise ValueError(f"num={num}: expected >= 0")
@@ -303,7 +305,11 @@ def generate(num: int, seed: int = 0, label_space: str = "wm811k", balance="bala
             for j, i in enumerate(idx):
                 maps[i] = _crop(out[j]) if crop else np.ascontiguousarray(out[j])
     prefix = lot_prefix if lot_prefix is not None else f"syn{seed}-lot"
-    meta = [dict(lot=f"{prefix}{lot_of[i] + 1}", wafer_index=int(wafer_index[i]),
+    numbers = np.arange(1, len(sizes) + 1) if lot_numbers is None else np.asarray(lot_numbers)
+    if len(numbers) < len(sizes):
+        raise ValueError(f"generate: lot_numbers has {len(numbers)} entries, {len(sizes)} lots "
+                         f"need names (give at least num // 8 + 1 = {num // 8 + 1})")
+    meta = [dict(lot=f"{prefix}{numbers[lot_of[i]]}", wafer_index=int(wafer_index[i]),
                  die_size=int(np.count_nonzero(maps[i])), grid=tuple(map(int, grid[i])),
                  types=sorted(types[i])) for i in range(num)]
     return WaferDataset(maps=maps, labels=labels.astype(np.int32), label_space=label_space,

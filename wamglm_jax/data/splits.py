@@ -1,13 +1,16 @@
 """Train / val / test datasets from ``config.data`` (``default_data_config()`` lists the fields).
 
 source='synthetic': three generator runs with distinct seeds derived from ``seed`` (so the
-splits share no lot and are deterministic). Any other source is a path that ``load_dataset``
+splits share no lot and are deterministic); lot ids look alike in every split (``synthetic_lot
+numbers``), so a model that reads a lot id from the prompt cannot rely on the split's name in
+it. Any other source is a path that ``load_dataset``
 reads; ``train_split`` / ``eval_split`` name its splits (a real file has train/val only; a
 missing test split is returned as None, a missing train/eval split is an error).
 """
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 from wamglm_jax.data.dataset import WaferDataset, load_dataset
 from wamglm_jax.data.generator import generate
@@ -34,11 +37,31 @@ def default_data_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Lot numbers: one permutation of [_LOT_LO, _LOT_HI) per data seed, cut into one block per split.
+_LOT_LO, _LOT_HI = 100_000, 1_000_000
+SYNTHETIC_LOT_PREFIX = "L"
+
+
+def synthetic_lot_numbers(data_seed: int, name: str, num: int) -> np.ndarray:
+    """int64[num // 8 + 1] lot numbers for split ``name``: 6-digit codes drawn without
+    replacement from one permutation per data seed, a disjoint block per split, so that
+    train/val/test lots never share an id and their ids have the same form."""
+    need = int(num) // 8 + 1
+    block = (_LOT_HI - _LOT_LO) // len(_SPLIT_OFFSET)
+    if need > block:
+        raise ValueError(f"synthetic split {name!r}: {num} maps need up to {need} lots, more "
+                         f"than the {block} lot numbers a split has")
+    perm = np.random.default_rng([int(data_seed), 0x10C]).permutation(_LOT_HI - _LOT_LO)
+    k = list(_SPLIT_OFFSET).index(name)
+    return perm[k * block:k * block + need] + _LOT_LO
+
+
 def synthetic_split(data_cfg, name: str, num: int) -> WaferDataset:
     seed = int(data_cfg.seed) + _SPLIT_OFFSET[name]
     ds = generate(int(num), seed=seed, label_space=data_cfg.label_space,
                   balance=data_cfg.balance, background=float(data_cfg.get("background", 1.0)),
-                  lot_prefix=f"syn-{name}{int(data_cfg.seed)}-lot")
+                  lot_prefix=SYNTHETIC_LOT_PREFIX,
+                  lot_numbers=synthetic_lot_numbers(int(data_cfg.seed), name, int(num)))
     ds.source = f"synthetic:{name}(seed={seed})"
     return ds
 

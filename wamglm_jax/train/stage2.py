@@ -48,6 +48,7 @@ from wamglm_jax.models import lora as lora_lib
 from wamglm_jax.models.wamglm import WamGLM, check_image_tokens, num_image_tokens
 from wamglm_jax.parallel import sharding as shd
 from wamglm_jax.qa import encode as qenc
+from wamglm_jax.qa.augment import noise_questions
 from wamglm_jax.qa.dialogues import build_dialogues
 from wamglm_jax.qa.io import write_jsonl
 from wamglm_jax.qa.knowledge_base import load_knowledge_base
@@ -65,6 +66,10 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
         max_len=512,                # tokens per dialogue (<= model.lm.max_seq_len)
         per_map=1,                  # dialogues per training map
         max_per_class=0,            # > 0: at most this many training maps per class (seeded)
+        class_scaling="flat",       # with max_per_class: 'flat' (every class capped at it) or
+                                    # 'sqrt' (the largest class gets max_per_class maps, class c
+                                    # max_per_class * sqrt(n_c / n_max): stage 1's sqrt prior)
+        question_noise=dict(dialogue_prob=0.0, word_prob=0.25),   # qa/augment.py
         eval_heldout_fraction=0.5,  # val/test dialogues with held-out phrasings/orders
         vocab_size=1024,            # tokenizer training
         tokenizer_dir="",           # a pretrained HF tokenizer instead of training one
@@ -145,16 +150,22 @@ def import_lm(config, s2, tok):
     return model_cfg, params["lm"]
 
 
-def capped_indices(labels, cap: int, seed: int):
-    """None (all maps) when cap <= 0; else at most `cap` random maps of each class, sorted."""
+def capped_indices(labels, cap: int, seed: int, scaling: str = "flat"):
+    """Training maps per class, sorted indices (None = all maps when cap <= 0), seeded.
+    'flat': at most `cap` random maps of each class; 'sqrt': the largest class gets `cap`,
+    class c round(cap * sqrt(n_c / n_max)) (at least 1, at most n_c), so the classes keep the
+    square-root prior stage 1's balanced sampling trains the classifier with."""
+    if scaling not in ("flat", "sqrt"):
+        raise ValueError(f"config.stage2.class_scaling={scaling!r}: expected 'flat' or 'sqrt'")
     if cap <= 0:
         return None
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels[labels >= 0], return_counts=True)
     out = []
-    for c in np.unique(labels[labels >= 0]):
-        idx = np.flatnonzero(labels == c)
-        out.extend(rng.permutation(idx)[:cap].tolist())
+    for c, n in zip(classes, counts):
+        k = cap if scaling == "flat" else max(1, int(round(cap * np.sqrt(n / counts.max()))))
+        out.extend(rng.permutation(np.flatnonzero(labels == c))[:k].tolist())
     return sorted(out)
 
 
@@ -367,13 +378,21 @@ def run(config, workdir, mesh=None) -> dict:
     items = {"train": build_dialogues(splits["train"], seed=seed, per_map=int(s2.per_map),
                                       heldout=False, kb=kb, id_prefix="train-",
                                       indices=capped_indices(splits["train"].labels,
-                                                             int(s2.max_per_class), seed))}
+                                                             int(s2.max_per_class), seed,
+                                                             str(s2.class_scaling)))}
     for k, name in enumerate(("val", "test")):
         if splits.get(name) is not None:
             items[name] = build_dialogues(splits[name], seed=seed + 17 + k, per_map=1,
                                           heldout=float(s2.eval_heldout_fraction), kb=kb,
                                           id_prefix=f"{name}-")
     tok, tok_path = get_tokenizer(s2, workdir, items["train"])
+    qn = s2.question_noise
+    items["train"], n_noised = noise_questions(items["train"], seed=seed,
+                                               dialogue_prob=float(qn.dialogue_prob),
+                                               word_prob=float(qn.word_prob))
+    if n_noised:
+        logging.info("stage2: question-wording noise on %d of %d training dialogues "
+                     "(word_prob %.2f)", n_noised, len(items["train"]), float(qn.word_prob))
     imported_lm = None
     if s2.init_lm_from:
         model_cfg, imported_lm = import_lm(config, s2, tok)

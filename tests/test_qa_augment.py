@@ -1,0 +1,75 @@
+"""qa/augment.py question-wording noise and stage-2 training-map selection (capped_indices)."""
+import collections
+
+import numpy as np
+import pytest
+
+from wamglm_jax.data.generator import generate
+from wamglm_jax.qa.augment import filler_vocabulary, noise_questions, question_words
+from wamglm_jax.qa.dialogues import build_dialogues
+from wamglm_jax.train.stage2 import capped_indices
+
+
+@pytest.fixture(scope="module")
+def items():
+    return build_dialogues(generate(40, seed=5), seed=1, per_map=2)
+
+
+def _question(content):
+    return content.rsplit("\n", 1)[-1]
+
+
+def test_noise_changes_only_question_words(items):
+    fillers = filler_vocabulary(items)
+    assert fillers and not {w.lower() for w in fillers} & question_words()
+    out, n = noise_questions(items, dialogue_prob=1.0, word_prob=0.5, seed=3)
+    assert n == len(items) == len(out)
+    kept = total = 0
+    for a, b in zip(items, out):
+        assert b["question_noise"] and "question_noise" not in a      # copies, not in place
+        assert len(a["messages"]) == len(b["messages"])
+        for ma, mb in zip(a["messages"], b["messages"]):
+            if ma["role"] == "assistant":
+                assert ma == mb
+                continue
+            # <image> and the lot context line (every line but the last) are untouched
+            assert ma["content"].rsplit("\n", 1)[:-1] == mb["content"].rsplit("\n", 1)[:-1]
+            orig, new = _question(ma["content"]).split(" "), _question(mb["content"]).split(" ")
+            # the new words are the surviving originals in order, with fillers between them
+            survivors = [w for w in new if w not in fillers or w in orig]
+            it = iter(orig)
+            assert all(any(w == o for o in it) for w in survivors), (orig, new)
+            assert any(w in orig for w in new)            # at least one original word survives
+            kept += sum(1 for w in new if w in orig)
+            total += len(orig)
+    # each word is hit with probability 0.5: about half survive (binomial, n ~ 1000)
+    assert 0.42 < kept / total < 0.6, kept / total
+
+
+def test_noise_fraction_and_determinism(items):
+    out1, n1 = noise_questions(items, dialogue_prob=0.5, word_prob=0.3, seed=7)
+    out2, n2 = noise_questions(items, dialogue_prob=0.5, word_prob=0.3, seed=7)
+    assert out1 == out2 and n1 == n2 == sum(bool(it.get("question_noise")) for it in out1)
+    assert 0.25 * len(items) < n1 < 0.75 * len(items)
+    same, n0 = noise_questions(items, dialogue_prob=0.0, word_prob=0.3, seed=7)
+    assert n0 == 0 and same == list(items)
+
+
+@pytest.mark.parametrize("field,kw", [("dialogue_prob", dict(dialogue_prob=1.5, word_prob=0.2)),
+                                      ("word_prob", dict(dialogue_prob=0.5, word_prob=-0.1))])
+def test_noise_rejects_bad_probabilities(items, field, kw):
+    with pytest.raises(ValueError, match=f"question_noise.{field}"):
+        noise_questions(items, seed=0, **kw)
+
+
+def test_capped_indices_flat_and_sqrt():
+    labels = np.repeat([0, 1, 2, 3], [400, 100, 25, 1])
+    labels = np.random.default_rng(0).permutation(np.concatenate([labels, [-1, -1]]))
+    assert capped_indices(labels, 0, seed=0) is None
+    for scaling, want in (("flat", {0: 40, 1: 40, 2: 25, 3: 1}),
+                          ("sqrt", {0: 40, 1: 20, 2: 10, 3: 1})):   # 40 * sqrt(n / 400)
+        idx = capped_indices(labels, 40, seed=0, scaling=scaling)
+        assert idx == sorted(set(idx)) and -1 not in labels[idx]
+        assert collections.Counter(labels[idx].tolist()) == want
+    with pytest.raises(ValueError, match="class_scaling='cube'"):
+        capped_indices(labels, 40, seed=0, scaling="cube")

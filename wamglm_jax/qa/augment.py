@@ -1,0 +1,96 @@
+"""Question-wording noise for training dialogues (robustness to phrasings never seen).
+
+A language model trained from scratch on a few dozen question templates learns them as fixed
+strings: one unfamiliar word ("Tally the bad dies", "the failure signature") and it answers a
+different question. `noise_questions` corrupts the wording of a fraction of the training
+dialogues: each word of a question is, with probability `word_prob`, dropped or replaced by a
+word that never occurs in any training question (drawn from the answers and the knowledge
+base), so that the model has to infer the question from the words it does know and from the
+dialogue around it. Only the question text changes: the `<image>` marker, the lot context line
+and every answer (the training targets) are untouched. The evaluation's held-out phrasings are
+not looked at: the filler words come from the training answers only.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import numpy as np
+
+from wamglm_jax.qa.phrasings import TRAIN
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z\-']*")
+
+
+def question_words() -> set[str]:
+    """Lower-cased words of every training phrasing (placeholders removed)."""
+    out = set()
+    for qs in TRAIN.values():
+        for q in qs:
+            out.update(w.lower() for w in _WORD.findall(re.sub(r"\{\w+\}", "", q)))
+    return out
+
+
+def filler_vocabulary(items: Sequence[dict]) -> list[str]:
+    """Sorted words of the items' assistant answers that no training question uses."""
+    banned, words = question_words(), set()
+    for it in items:
+        for m in it["messages"]:
+            if m["role"] == "assistant":
+                words.update(w for w in _WORD.findall(m["content"]) if len(w) > 2)
+    return sorted(w for w in words if w.lower() not in banned)
+
+
+def _split_question(content: str) -> tuple[str, str]:
+    """(prefix, question): the question is the last line of a user message (the first turn
+    carries `<image>` and the context line on the lines before it)."""
+    head, sep, q = content.rpartition("\n")
+    return head + sep, q
+
+
+def noise_question(question: str, rng: np.random.Generator, fillers: Sequence[str],
+                   word_prob: float) -> str:
+    """Each whitespace-separated word: kept, or (probability word_prob) dropped or replaced
+    by a random filler with equal chance. At least one original word always survives."""
+    words = question.split(" ")
+    if not words or not fillers:
+        return question
+    hit = rng.random(len(words)) < word_prob
+    if hit.all():
+        hit[int(rng.integers(len(words)))] = False
+    out = []
+    for w, h in zip(words, hit):
+        if not h:
+            out.append(w)
+        elif rng.random() < 0.5:
+            out.append(fillers[int(rng.integers(len(fillers)))])
+    return " ".join(out)
+
+
+def noise_questions(items: Sequence[dict], *, dialogue_prob: float, word_prob: float,
+                    seed: int, fillers: Sequence[str] | None = None) -> tuple[list[dict], int]:
+    """(items with noised questions, how many dialogues were noised). A dialogue is chosen
+    with probability dialogue_prob; then every user turn's question is noised. Items are
+    copied, never modified in place. Deterministic given `seed`."""
+    for name, p in (("dialogue_prob", dialogue_prob), ("word_prob", word_prob)):
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"config.stage2.question_noise.{name}={p}: expected a "
+                             "probability in [0, 1]")
+    if dialogue_prob <= 0 or word_prob <= 0:
+        return list(items), 0
+    fillers = list(fillers) if fillers is not None else filler_vocabulary(items)
+    rng = np.random.default_rng([int(seed), 0x9015E])
+    out, n = [], 0
+    for it in items:
+        if rng.random() >= dialogue_prob:
+            out.append(it)
+            continue
+        msgs = []
+        for m in it["messages"]:
+            if m["role"] == "user":
+                head, q = _split_question(m["content"])
+                m = dict(m, content=head + noise_question(q, rng, fillers, word_prob))
+            msgs.append(m)
+        out.append(dict(it, messages=msgs, question_noise=True))
+        n += 1
+    return out, n
