@@ -21,7 +21,11 @@ def _question(content):
 
 def test_noise_changes_only_question_words(items):
     fillers = filler_vocabulary(items)
-    assert fillers and not {w.lower() for w in fillers} & question_words()
+    banned = question_words()
+    assert fillers and not {w.lower() for w in fillers} & banned
+    # nothing that names a pattern or a zone (what type-location / zone questions carry)
+    assert {"center", "edge", "ring", "scratch", "loc", "donut", "none", "middle"} <= banned
+    assert not {p for w in fillers for p in w.lower().split("-")} & banned
     out, n = noise_questions(items, dialogue_prob=1.0, word_prob=0.5, seed=3)
     assert n == len(items) == len(out)
     kept = total = 0

@@ -6,7 +6,11 @@ different question. `noise_questions` corrupts the wording of a fraction of the 
 dialogues: each word of a question is, with probability `word_prob`, dropped or replaced by a
 word that never occurs in any training question (drawn from the answers and the knowledge
 base), so that the model has to infer the question from the words it does know and from the
-dialogue around it. Only the question text changes: the `<image>` marker, the lot context line
+dialogue around it. Words that name what a question asks about are never used as fillers:
+besides the training questions' own words, the pattern names (a type-location question names
+its pattern) and the zone words (a zone follow-up names its zone); without that ban, noise
+that drops a pattern name into a location question teaches the model to confuse the two.
+Only the question text changes: the `<image>` marker, the lot context line
 and every answer (the training targets) are untouched. The evaluation's held-out phrasings are
 not looked at: the filler words come from the training answers only.
 """
@@ -17,28 +21,35 @@ from typing import Sequence
 
 import numpy as np
 
-from wamglm_jax.qa.phrasings import TRAIN
+from wamglm_jax.data.labels import WM811K_CLASSES
+from wamglm_jax.qa.phrasings import TRAIN, ZONE_WORDS
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z\-']*")
 
 
 def question_words() -> set[str]:
-    """Lower-cased words of every training phrasing (placeholders removed)."""
+    """Lower-cased words a question may carry: every training phrasing's words (placeholders
+    removed), the values its placeholders take (pattern names, zone words) and their parts."""
     out = set()
     for qs in TRAIN.values():
         for q in qs:
             out.update(w.lower() for w in _WORD.findall(re.sub(r"\{\w+\}", "", q)))
+    for name in (*WM811K_CLASSES, *ZONE_WORDS, *ZONE_WORDS.values(), "centre"):
+        for w in _WORD.findall(name):
+            out.update({w.lower(), *w.lower().split("-")})
     return out
 
 
 def filler_vocabulary(items: Sequence[dict]) -> list[str]:
-    """Sorted words of the items' assistant answers that no training question uses."""
+    """Sorted words of the items' assistant answers that share no part (split at '-') with
+    question_words()."""
     banned, words = question_words(), set()
     for it in items:
         for m in it["messages"]:
             if m["role"] == "assistant":
                 words.update(w for w in _WORD.findall(m["content"]) if len(w) > 2)
-    return sorted(w for w in words if w.lower() not in banned)
+    return sorted(w for w in words
+                  if not {w.lower(), *w.lower().split("-")} & banned)   # 'edge-bead': edge
 
 
 def _split_question(content: str) -> tuple[str, str]:
