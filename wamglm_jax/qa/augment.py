@@ -4,14 +4,14 @@ A language model trained from scratch on a few dozen question templates learns t
 strings: one unfamiliar word ("Tally the bad dies", "the failure signature") and it answers a
 different question. `noise_questions` corrupts the wording of a fraction of the training
 dialogues: each word of a question is, with probability `word_prob`, dropped or replaced by a
-word that never occurs in any training question (drawn from the answers and the knowledge
-base), so that the model has to infer the question from the words it does know and from the
+word that never occurs in any training question (drawn from the training answers, which
+quote the knowledge base), so that the model has to infer the question from the words it does know and from the
 dialogue around it. Words that name what a question asks about are never used as fillers:
 besides the training questions' own words, the pattern names (a type-location question names
 its pattern) and the zone words (a zone follow-up names its zone); without that ban, noise
 that drops a pattern name into a location question teaches the model to confuse the two.
-Only the question text changes: the `<image>` marker, the lot context line
-and every answer (the training targets) are untouched. The evaluation's held-out phrasings are
+Only the question text changes: the `<image>` marker, the lot context line and every answer
+(the training targets) are untouched. The evaluation's held-out phrasings are
 not looked at: the filler words come from the training answers only.
 """
 from __future__ import annotations
