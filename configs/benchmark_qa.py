@@ -55,7 +55,6 @@ def get_config(arg: str = ""):
     config.stage2.align.num_steps = 300
     config.stage2.eval.split = "test"
     config.stage2.eval.num_maps = 500
-    config.stage2.question_noise.dialogue_prob = 0.5      # qa/augment.py
     if arg == "cpu":
         lm = common.base_config("tiny").model.lm            # the tiny LM, 512 positions
         lm.max_seq_len = 512

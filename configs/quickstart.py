@@ -44,7 +44,6 @@ def get_config(arg: str = ""):
     config.stage2.loop.checkpoint_every = 0 if ci else 150
     config.stage2.optimizer.learning_rate = 2e-3
     config.stage2.align.num_steps = 0 if ci else 40
-    config.stage2.question_noise.dialogue_prob = 0.5     # qa/augment.py
     config.stage2.eval.num_maps = 4 if ci else 80
     config.stage2.eval.max_new_tokens = 24 if ci else 96
     config.stage2.eval.num_examples = 1 if ci else 2

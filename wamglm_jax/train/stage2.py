@@ -69,7 +69,7 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
         class_scaling="flat",       # with max_per_class: 'flat' (every class capped at it) or
                                     # 'sqrt' (the largest class gets max_per_class maps, class c
                                     # max_per_class * sqrt(n_c / n_max): stage 1's sqrt prior)
-        question_noise=dict(dialogue_prob=0.0, word_prob=0.25),   # qa/augment.py
+        question_noise=dict(dialogue_prob=0.5, word_prob=0.25),   # qa/augment.py; 0 = off
         eval_heldout_fraction=0.5,  # val/test dialogues with held-out phrasings/orders
         vocab_size=1024,            # tokenizer training
         tokenizer_dir="",           # a pretrained HF tokenizer instead of training one
