@@ -84,7 +84,15 @@ def test_restore_shape_mismatch_and_missing_checkpoint(tmp_path):
     other.vit.intermediate_size = 64
     p2, _ = stage2.init_params(WamGLM(other), other, mesh, SHARDING_RULES, seed=0)
     _save_fake_stage1(tmp_path, jax.tree.map(np.asarray, p2["vision"]))
-    with pytest.raises(ValueError, match="vision"):
+    with pytest.raises(ValueError, match=r"params/vision/\S+ has shape \(\d+,.*expects"):
+        stage2.restore_stage1_vision(stage2.find_stage1_checkpoint(tmp_path), params["vision"])
+    # a tower without one of the model's parameters: named, not a KeyError from orbax
+    partial = jax.tree.map(np.asarray, params["vision"])
+    dropped = sorted(partial)[-1]
+    del partial[dropped]
+    (tmp_path / "stage1").rename(tmp_path / "old_stage1")
+    _save_fake_stage1(tmp_path, partial)
+    with pytest.raises(ValueError, match=f"params/vision/{dropped}/.* is missing"):
         stage2.restore_stage1_vision(stage2.find_stage1_checkpoint(tmp_path), params["vision"])
 
 

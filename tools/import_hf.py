@@ -66,9 +66,9 @@ def main(argv=None) -> int:
     if os.path.exists(out):
         shutil.rmtree(out)
     os.makedirs(out)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(out, "params"), params)
-    ckptr.wait_until_finished()
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(out, "params"), params)
+        ckptr.wait_until_finished()
     if tok_len is not None:
         os.makedirs(os.path.join(out, "tokenizer"))
         for f in TOKENIZER_FILES:

@@ -112,7 +112,8 @@ def load_stage1_classifier(config, workdir, mesh, num_classes: int):
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), plain)
     target = {"params": target["params"], "batch_stats": target.get("batch_stats", {})}
     path = find_stage1_checkpoint(workdir)
-    out = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
+    with ocp.PyTreeCheckpointer() as ckptr:
+        out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
     return model, out, path

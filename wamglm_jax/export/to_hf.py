@@ -216,16 +216,16 @@ def restore_params(state_dir: str) -> dict:
     """The `params` subtree of an orbax `state` item as host numpy arrays (shapes from the
     checkpoint's own metadata, so no model has to be built to restore it)."""
     import orbax.checkpoint as ocp
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(state_dir)
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-    if "params" not in tree:
-        raise ExportError(f"{state_dir}: checkpoint has no `params` (items: {sorted(tree)})")
-    sub = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
-                                  tree["params"])}
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), sub)
-    out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(item=sub, restore_args=args,
-                                                              partial_restore=True))
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(state_dir)
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        if "params" not in tree:
+            raise ExportError(f"{state_dir}: checkpoint has no `params` (items: {sorted(tree)})")
+        sub = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                      tree["params"])}
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), sub)
+        out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(item=sub, restore_args=args,
+                                                                  partial_restore=True))
     return out["params"]
 
 

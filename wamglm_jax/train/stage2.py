@@ -257,19 +257,29 @@ def restore_stage1_vision(state_dir: str, target_vision):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
         target_vision)
     sub = {"params": {"vision": abstract}}
-    try:
-        out = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+    with ocp.PyTreeCheckpointer() as ckptr:      # closed: no orbax threads left behind
+        # Shapes are checked against the checkpoint's metadata first, so a mismatch is one
+        # clear error naming the parameter (and no failed orbax restore is left in flight).
+        meta = ckptr.metadata(state_dir)
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        saved = tree.get("params", {}).get("vision") if hasattr(tree, "get") else None
+        if saved is None:
+            raise ValueError(f"{state_dir}: no params/vision in the stage-1 checkpoint")
+        saved_flat = {lora_lib.path_str(p): m for p, m in
+                      jax.tree_util.tree_flatten_with_path(dict(saved))[0]}
+        for p, b in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+            name, m = lora_lib.path_str(p), saved_flat.get(lora_lib.path_str(p))
+            if m is None:
+                raise ValueError(f"{state_dir}: params/vision/{name} is missing from the stage-1 "
+                                 "checkpoint (does config.model.vit match the stage-1 run?)")
+            if tuple(m.shape) != tuple(b.shape):
+                raise ValueError(f"{state_dir}: params/vision/{name} has shape {tuple(m.shape)} "
+                                 f"in the stage-1 checkpoint, the model expects {b.shape} (does "
+                                 "config.model.vit match the stage-1 run?)")
+        out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
             item=sub, restore_args=ocp.checkpoint_utils.construct_restore_args(sub),
             partial_restore=True))
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{state_dir}: cannot restore params/vision into the stage-2 vision "
-                         f"tower (does config.model.vit match the stage-1 run?): {e}") from e
-    got = out["params"]["vision"]
-    for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(abstract)):
-        if tuple(a.shape) != tuple(b.shape):
-            raise ValueError(f"{state_dir}: params/vision/{lora_lib.path_str(p)} has shape "
-                             f"{a.shape} in the stage-1 checkpoint, the model expects {b.shape}")
-    return got
+    return out["params"]["vision"]
 
 
 def effective_params(params, alpha):
@@ -653,13 +663,13 @@ def load_for_inference(workdir, step: int | None = None):
         raise FileNotFoundError(f"{ckdir}: no stage-2 checkpoint; train stage 2 first")
     step = steps[-1] if step is None else int(step)
     path = os.fspath(ckdir / str(step) / "state")
-    ckptr = ocp.PyTreeCheckpointer()
-    pmeta = ckptr.metadata(path).item_metadata["params"]
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"params": jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), dict(pmeta))}
-    params = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))["params"]
+    with ocp.PyTreeCheckpointer() as ckptr:
+        pmeta = ckptr.metadata(path).item_metadata["params"]
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = {"params": jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), dict(pmeta))}
+        params = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))["params"]
     params = merged_params(params, float(meta.get("lora_alpha", 16.0)))
     return model_cfg, params, tok
