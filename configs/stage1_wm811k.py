@@ -10,6 +10,8 @@ square-root class-balanced sampling; plain CE (class_weighting='none'), 8-view T
 The default is sized for one GPU (the `small` ViT at 64x64, 8000 steps); `:cpu` is the 2-core
 CPU run of the README (a 0.9M-parameter ViT, 4 blocks of width 128 at 64x64 with patch 8, so 64
 tokens; 2000 steps of 64 maps x 3 views, about 3.4 epochs). Any preset name works as the arg.
+Measured with `:cpu` (README): val 0.942 / macro-F1 0.847 in 23 min; 4000 steps 0.947 / 0.857
+in 41.7 min; the CNN anchor of issue 5 (0.972 / 0.934) is not beaten.
 """
 from configs import common
 from wamglm_jax.data.splits import default_data_config
