@@ -216,9 +216,10 @@ def restore_params(state_dir: str) -> dict:
     """The `params` subtree of an orbax `state` item as host numpy arrays (shapes from the
     checkpoint's own metadata, so no model has to be built to restore it)."""
     import orbax.checkpoint as ocp
+
+    from wamglm_jax.train.checkpoint import saved_tree
     with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(state_dir)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        tree = saved_tree(ckptr, state_dir)
         if "params" not in tree:
             raise ExportError(f"{state_dir}: checkpoint has no `params` (items: {sorted(tree)})")
         sub = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),

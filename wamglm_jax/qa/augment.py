@@ -5,14 +5,15 @@ strings: one unfamiliar word ("Tally the bad dies", "the failure signature") and
 different question. `noise_questions` corrupts the wording of a fraction of the training
 dialogues: each word of a question is, with probability `word_prob`, dropped or replaced by a
 word that never occurs in any training question (drawn from the training answers, which
-quote the knowledge base), so that the model has to infer the question from the words it does know and from the
-dialogue around it. Words that name what a question asks about are never used as fillers:
-besides the training questions' own words, the pattern names (a type-location question names
-its pattern) and the zone words (a zone follow-up names its zone); without that ban, noise
-that drops a pattern name into a location question teaches the model to confuse the two.
+quote the knowledge base), so that the model has to infer the question from the words it does
+know and from the dialogue around it. Words that name what a question asks about are never
+used as fillers: besides the training questions' own words, the pattern names (a
+type-location question names its pattern) and the zone words (a zone follow-up names its
+zone); without that ban, noise that drops a pattern name into a location question teaches the
+model to confuse the two.
 Only the question text changes: the `<image>` marker, the lot context line and every answer
-(the training targets) are untouched. The evaluation's held-out phrasings are
-not looked at: the filler words come from the training answers only.
+(the training targets) are untouched. The evaluation's held-out phrasings are not looked at:
+the filler words come from the training answers only.
 """
 from __future__ import annotations
 
@@ -63,9 +64,9 @@ def noise_question(question: str, rng: np.random.Generator, fillers: Sequence[st
                    word_prob: float) -> str:
     """Each whitespace-separated word: kept, or (probability word_prob) dropped or replaced
     by a random filler with equal chance. At least one original word always survives."""
-    words = question.split(" ")
-    if not words or not fillers:
+    if not fillers:
         return question
+    words = question.split(" ")
     hit = rng.random(len(words)) < word_prob
     if hit.all():
         hit[int(rng.integers(len(words)))] = False

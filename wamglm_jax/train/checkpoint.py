@@ -84,6 +84,14 @@ class IterStateHandler(ocp.CheckpointHandler):
         pass
 
 
+def saved_tree(ckptr, path) -> Any:
+    """The saved structure of the orbax item at `path` (nested mappings whose leaves carry
+    .shape and .dtype), read from its metadata without restoring any array; orbax versions
+    wrap it as `metadata.item_metadata.tree`, `.item_metadata` or return it bare."""
+    meta = getattr(ckptr.metadata(path), "item_metadata", None) or ckptr.metadata(path)
+    return getattr(meta, "tree", meta)
+
+
 @ocp.args.register_with_handler(IterStateHandler, for_save=True)
 @dataclasses.dataclass
 class IterStateSave(ocp.args.CheckpointArgs):

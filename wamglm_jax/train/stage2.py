@@ -54,6 +54,7 @@ from wamglm_jax.qa.io import write_jsonl
 from wamglm_jax.qa.knowledge_base import load_knowledge_base
 from wamglm_jax.qa.tokenizer import build_tokenizer, image_token_id, load_tokenizer
 from wamglm_jax.train import loop, optim
+from wamglm_jax.train.checkpoint import saved_tree
 from wamglm_jax.train.state import TrainState
 
 STAGE = "stage2"
@@ -260,9 +261,7 @@ def restore_stage1_vision(state_dir: str, target_vision):
     with ocp.PyTreeCheckpointer() as ckptr:      # closed: no orbax threads left behind
         # Shapes are checked against the checkpoint's metadata first, so a mismatch is one
         # clear error naming the parameter (and no failed orbax restore is left in flight).
-        meta = ckptr.metadata(state_dir)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-        saved = tree.get("params", {}).get("vision") if hasattr(tree, "get") else None
+        saved = saved_tree(ckptr, state_dir).get("params", {}).get("vision")
         if saved is None:
             raise ValueError(f"{state_dir}: no params/vision in the stage-1 checkpoint")
         saved_flat = {lora_lib.path_str(p): m for p, m in
@@ -664,7 +663,7 @@ def load_for_inference(workdir, step: int | None = None):
     step = steps[-1] if step is None else int(step)
     path = os.fspath(ckdir / str(step) / "state")
     with ocp.PyTreeCheckpointer() as ckptr:
-        pmeta = ckptr.metadata(path).item_metadata["params"]
+        pmeta = saved_tree(ckptr, path)["params"]
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = {"params": jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), dict(pmeta))}
