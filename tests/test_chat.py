@@ -97,10 +97,11 @@ def test_chat_session_drops_oldest_pairs_keeps_image(run_dir):
         ChatSession(gen, tok, img, gen=g, max_context=n + 4).ask(q)
 
 
-def test_chat_first_turn_carries_the_lot_context(run_dir, tmp_path):
-    """tools.chat: a dataset map with lot metadata gets the same context line as the training
-    dialogues (recomputed here by a loop); a bare .npy map gets none. ChatSession puts it after
-    <image> in the first turn, and moves it with the image when the history is trimmed."""
+def test_chat_first_turn_carries_the_context_lines(run_dir, tmp_path):
+    """tools.chat: a dataset map with lot metadata gets the same context lines as the training
+    dialogues (die count and lot line, recomputed here by hand); a bare .npy map gets the die
+    count line only. ChatSession puts them after <image> in the first turn, and moves them with
+    the image when the history is trimmed."""
     from tools.chat import load_map
     from wamglm_jax.data.generator import generate
     from wamglm_jax.inference.chat import ChatSession
@@ -111,10 +112,11 @@ def test_chat_first_turn_carries_the_lot_context(run_dir, tmp_path):
     ds = generate(1, seed=4)
     _, _, ctx = load_map(None, None, 4)
     md = ds.meta[0]
-    assert ctx == (f"Lot {md['lot']}, wafer {md['wafer_index']}. No other wafers of this lot "
-                   "were measured.")
+    dies = sum(int(v in (1, 2)) for row in ds.maps[0].tolist() for v in row)
+    assert ctx == (f"The wafer has {dies} dies.\nLot {md['lot']}, wafer {md['wafer_index']}. "
+                   "No other wafers of this lot were measured.")
     np.save(tmp_path / "m.npy", ds.maps[0])
-    assert load_map(str(tmp_path / "m.npy"), None, 0)[2] is None
+    assert load_map(str(tmp_path / "m.npy"), None, 0)[2] == f"The wafer has {dies} dies."
 
     cfg, params, tok = load_for_inference(run_dir)
     gen = Generator(cfg, params)

@@ -195,7 +195,9 @@ def check_items(ds, items):
         assert msgs[0]["role"] == "user" and msgs[0]["content"].startswith("<image>\n")
         ctx = loops_context_line(ds, it["image_index"])
         first = msgs[0]["content"][len("<image>\n"):].split("\n")
-        assert first == ([ctx] if ctx else []) + [first[-1]], (it["id"], msgs[0]["content"])
+        dies = sum(int(v > 0) for row in ds.maps[it["image_index"]] for v in row)
+        assert first == ([f"The wafer has {dies} dies."] + ([ctx] if ctx else [])
+                         + [first[-1]]), (it["id"], msgs[0]["content"])
         assert sum(m["content"].count("<image>") for m in msgs) == 1
         assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
         assert len(it["answer_key"]) == len(msgs) // 2
@@ -236,11 +238,13 @@ def test_hand_maps_known_answers():
         assert batch[0] == {"lot": "L1", "n_other": 1, "shared": {"Center": 0},
                             "lot_wide": False}
     first = {it["image_index"]: it["messages"][0]["content"] for it in items}
-    assert first[0].startswith("<image>\nLot L1, wafer 1. Other wafers of this lot: 1 measured, "
-                               "1 with failure patterns (Edge-Loc 1).\n")
-    assert first[3].startswith("<image>\nLot L2, wafer 1. No other wafers of this lot were "
-                               "measured.\n")
-    assert "Lot" not in first[2] and first[2].count("\n") == 1     # no lot: no context line
+    dies = f"The wafer has {int(disc(21, 21)[0].sum())} dies.\n"   # every hand map: one disc
+    assert first[0].startswith(f"<image>\n{dies}Lot L1, wafer 1. Other wafers of this lot: 1 "
+                               "measured, 1 with failure patterns (Edge-Loc 1).\n")
+    assert first[3].startswith(f"<image>\n{dies}Lot L2, wafer 1. No other wafers of this lot "
+                               "were measured.\n")
+    assert first[2].startswith(f"<image>\n{dies}") and "Lot" not in first[2]
+    assert first[2].count("\n") == 2                 # no lot: the die count line only
 
 
 def test_no_lot_gives_cannot_tell():
@@ -256,8 +260,8 @@ def test_no_lot_gives_cannot_tell():
                 assert "cannot tell" in it["messages"][k["turn"]]["content"]
                 assert "Lot " not in it["messages"][k["turn"]]["content"]
         first = it["messages"][0]["content"]
-        assert first.count("\n") == 1 and "Lot" not in first       # no context line
-        assert first.split("\n")[1] in phrasings.TRAIN[it["plan"][0]["kind"]] or \
+        assert first.count("\n") == 2 and "Lot" not in first    # the die count line only
+        assert first.split("\n")[2] in phrasings.TRAIN[it["plan"][0]["kind"]] or \
             it["plan"][0]["kind"] == "type_location"
     assert seen > 0
 
@@ -328,9 +332,10 @@ def test_type_location_cases():
     new, _ = transform_item(it, hd.maps[1], 0, False)
     assert new["answer_key"][0]["value"] == {"pattern": "Edge-Loc", "present": True,
                                              "zones": ["edge"], "side": "upper-right"}
-    assert new["messages"][0]["content"] == ("<image>\nLot L1, wafer 2. Other wafers of this "
-                                             "lot: 1 measured, 1 with failure patterns (Center "
-                                             "1).\nWhere is the Edge-Loc pattern?")
+    assert new["messages"][0]["content"] == ("<image>\nThe wafer has 349 dies.\nLot L1, wafer 2. "
+                                             "Other wafers of this lot: 1 measured, 1 with "
+                                             "failure patterns (Center 1).\nWhere is the "
+                                             "Edge-Loc pattern?")
 
 
 def test_map_without_dies_names_index():
@@ -375,10 +380,11 @@ def test_lot_wide_vs_isolated_and_context_line():
     it = build_dialogues(ds, seed=0, indices=[0])[0]
     it = dict(it, plan=[{"kind": "batch", "q": 0, "zone": None, "pattern": None}])
     new, _ = transform_item(it, ds.maps[0], 0, False)
+    dies = int((ds.maps[0] > 0).sum())
     assert new["messages"][0]["content"] == (
-        "<image>\nLot LX0123, wafer 1. Other wafers of this lot: 23 measured, 11 with failure "
+        f"<image>\nThe wafer has {dies} dies.\nLot LX0123, wafer 1. Other wafers of this lot: 23 measured, 11 with failure "
         "patterns (Edge-Ring 9, Center 2).\n" + phrasings.TRAIN["batch"][0])
-    assert new["messages"][0]["content"].split("\n")[1] == loops_context_line(ds, 0)
+    assert new["messages"][0]["content"].split("\n")[2] == loops_context_line(ds, 0)
     assert new["answer_key"][0]["value"] == loops_lot(ds, 0) == {
         "lot": "LX0123", "n_other": 23, "shared": {"Edge-Ring": 9}, "lot_wide": True}
     assert new["messages"][1]["content"] == (
@@ -443,10 +449,10 @@ def test_batch_answer_derivable_from_context_line_and_map():
         if not key:
             continue
         seen += 1
-        if len(lines) == 2:                       # no context line: cannot tell
+        if len(lines) == 3:                       # die count line only, no lot: cannot tell
             assert key[0]["value"] == {"lot": None}
             continue
-        ctx = lines[1]
+        ctx = lines[2]
         lot = re.match(r"Lot (\S+?)[,.]", ctx).group(1)
         m = re.search(r"(\d+) measured, (\d+) with failure patterns", ctx)
         n, k = (int(m.group(1)), int(m.group(2))) if m else (0, 0)

@@ -40,6 +40,19 @@ def test_roundtrip_and_specials(built):
     assert rep["image_token_id"] == 3 and rep["padded_to_128"] % 128 == 0
 
 
+def test_every_digit_is_one_token(built):
+    """Numbers are spelt digit by digit whatever surrounds them (a saved, reloaded tokenizer)."""
+    from transformers import AutoTokenizer
+    _, d, _ = built
+    tok = AutoTokenizer.from_pretrained(d)
+    for text in ["171 of the 2046 dies fail.", "Lot L738138, wafer 12.", "yield 83.2% (17.0%)"]:
+        pieces = [tok.convert_tokens_to_string([p]) for p in tok.tokenize(text)]
+        assert "".join(pieces) == text
+        digit_pieces = [p for p in pieces if any(c.isdigit() for c in p)]
+        assert all(len(p) == 1 for p in digit_pieces), pieces
+        assert len(digit_pieces) == sum(c.isdigit() for c in text)
+
+
 def test_config_loads_in_transformers_4_and_5(built):
     from transformers import AutoTokenizer
     tok, d, _ = built

@@ -50,7 +50,8 @@ def render_map(m, color: bool) -> str:
 
 
 def load_map(path: str | None, index: int | None, seed: int):
-    """(uint8[H,W] map, description, lot context line or None) from a file or the generator."""
+    """(uint8[H,W] map, description, context lines: die count, lot when known) from a file or
+    the generator."""
     from wamglm_jax.data.dataset import load_dataset
     from wamglm_jax.data.generator import generate
     from wamglm_jax.data.wafer import check_map
@@ -89,8 +90,9 @@ def main(argv):
     color = sys.stdout.isatty() if FLAGS.color is None else FLAGS.color
     print(f"Wafer map: {desc}  ('.' good, 'X' failing)")
     print(render_map(m, color))
-    if context:
-        print(f"Context: {context}")
+    for line in (context or "").split("\n"):
+        if line:
+            print(f"Context: {line}")
     model_cfg, params, tok = load_for_inference(FLAGS.workdir, FLAGS.step)
     gen = GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                            top_p=FLAGS.top_p, stop_tokens=(tok.eos_token_id,),

@@ -219,7 +219,7 @@ def restore_params(state_dir: str) -> dict:
 
     from wamglm_jax.train.checkpoint import saved_tree
     with ocp.PyTreeCheckpointer() as ckptr:
-        tree = saved_tree(ckptr, state_dir)
+        tree = saved_tree(state_dir)
         if "params" not in tree:
             raise ExportError(f"{state_dir}: checkpoint has no `params` (items: {sorted(tree)})")
         sub = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),

@@ -5,9 +5,10 @@
     answer = session.ask("Why?")          # history kept, template re-rendered every turn
 
 The image is given once: `<image>` is put in front of the first user question (the template
-expands it into the N image tokens), followed by the lot context line when one is given
-(`context=qa.dialogues.dataset_context_line(dataset, i)` for a dataset map with lot metadata;
-rendered by qa.dialogues.first_user_turn exactly as in the training dialogues). Every turn
+expands it into the N image tokens), followed by the context lines when given
+(`context=qa.dialogues.dataset_context_line(dataset, i)`: the die count line, plus the lot
+line for a dataset map with lot metadata; rendered by qa.dialogues.first_user_turn exactly as
+in the training dialogues: a model trained with them expects them). Every turn
 re-renders the whole dialogue with the chat template (`qa.encode.encode_prompt`) and generates
 with the KV cache.
 
@@ -52,7 +53,7 @@ class ChatSession:
         self.n_img = num_image_tokens(generator.cfg)
         self.history: list[dict] = []          # complete user/assistant pairs
         self.log = log
-        self.context = context or None         # lot context line of the first user turn
+        self.context = context or None         # context lines of the first user turn
 
     def _prompt(self, messages):
         return encode_prompt(self.tok, messages, num_image_tokens=self.n_img,

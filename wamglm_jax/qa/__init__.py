@@ -6,7 +6,8 @@
   answers.py         render_answer(kind, value, kb), parse_answer(kind, text, kb) (evaluation)
   phrasings.py       TRAIN / HELDOUT question phrasings per kind
   dialogues.py       build_dialogues(dataset, ...) -> items; transform_item(item, map, k, flip);
-                     context_line / first_user_turn (lot context line, also used by the chat)
+                     map_context / first_user_turn (die count and lot context lines, also
+                     used by the chat)
   io.py              write_vmqa / load_vmqa (JSONL + maps npz), TFDS ArrayRecord for grain
   tokenizer.py       train/save/load tokenizer, CHAT_TEMPLATE with {% generation %} marks
   encode.py          encode_dialogue / encode_items / encode_prompt, bucketed_batches

@@ -5,8 +5,9 @@ Item format (one dict per dialogue, JSON-serialisable):
   images        [str]  [f"{maps_name}#{image_index}"] (the map is row image_index of maps.npz)
   image_index   int    index of the map in the dataset the dialogue was built from
   messages      [{"role": "user"|"assistant", "content": str}], the first user turn starts
-                with "<image>\n", then (maps with lot metadata only) the lot context line and
-                "\n" (first_user_turn), then the question; 2..6 user/assistant exchanges
+                with "<image>\n", then the context lines (map_context: the die count line,
+                then, for maps with lot metadata only, the lot context line), each followed
+                by "\n" (first_user_turn), then the question; 2..6 user/assistant exchanges
   class         int    label id in `label_space`;  class_name str; label_space str
   heldout       bool   True: held-out phrasings and a held-out question order
   answer_key    [{"turn": i (index into messages of the assistant turn), "kind": str,
@@ -17,10 +18,14 @@ Item format (one dict per dialogue, JSON-serialisable):
   lot_context   facts.lot_context of the map ({"lot": None} without lot metadata); the
                 context line and the batch answers are rendered from it
 
-Lot context line: what a fab tool would put next to the map for the engineer, machine-rendered
-from the dataset's other wafers of the lot (context_line); the same function renders it for
-the chat (inference.chat.ChatSession(context=...), tools/chat.py), so batch questions are
-answerable from the model's input: context line + its own reading of the map.
+Context lines: what a fab tool puts next to the map for the engineer, machine-rendered.
+* Die count line ("The wafer has 2046 dies."): the product's gross die count, known for every
+  map (it is the number of dies of the native-resolution map). The image is area-resized to
+  S x S, so the die count cannot be read from it; failing-die and zone counts scale with it.
+* Lot context line (context_line): the dataset's other wafers of the lot.
+map_context renders both, and the same function serves the chat (tools/chat.py through
+dataset_context_line, inference.chat.ChatSession(context=...)), so count and batch questions are
+answerable from the model's input: context lines + its own reading of the map.
 
 Augmentation choice: maps rotated/flipped for stage 2 must use `transform_item`, which rebuilds
 every answer (location sides, zone counts) from the transformed map with the same questions.
@@ -111,14 +116,27 @@ def context_line(context: dict | None) -> str | None:
     return f"{head} Other wafers of this lot: {n} measured, {k} with failure patterns{detail}."
 
 
-def dataset_context_line(dataset, index: int) -> str | None:
-    """context_line of map `index` of a dataset (attributes labels, label_space, meta)."""
-    return context_line(F.lot_context(int(index), dataset.labels, dataset.label_space,
-                                      getattr(dataset, "meta", None)))
+def die_count_line(m: np.ndarray) -> str:
+    """"The wafer has N dies." for map uint8[H,W] (N = cells > 0, as facts.compute_facts)."""
+    return f"The wafer has {int(np.count_nonzero(np.asarray(m)))} dies."
+
+
+def map_context(m: np.ndarray, lot_context: dict | None) -> str:
+    """The context lines of the first user turn: the die count line, then the lot context
+    line when the map has lot metadata, joined by "\n"."""
+    lot = context_line(lot_context)
+    return die_count_line(m) + (f"\n{lot}" if lot else "")
+
+
+def dataset_context_line(dataset, index: int) -> str:
+    """map_context of map `index` of a dataset (attributes maps, labels, label_space, meta)."""
+    return map_context(dataset.maps[int(index)],
+                       F.lot_context(int(index), dataset.labels, dataset.label_space,
+                                     getattr(dataset, "meta", None)))
 
 
 def first_user_turn(question: str, context: str | None = None) -> str:
-    """The first user message: `<image>`, the lot context line if any, the question."""
+    """The first user message: `<image>`, the context lines if any, the question."""
     return (f"{IMAGE_TOKEN}\n{context}\n{question}" if context
             else f"{IMAGE_TOKEN}\n{question}")
 
@@ -169,7 +187,7 @@ def render_dialogue(m: np.ndarray, label_space: str, label: int, lot_context: di
             q = q.format(zone=ZONE_WORDS.get(step.get("zone"), ""),
                          pattern=step.get("pattern"))
         if t == 0:
-            q = first_user_turn(q, context_line(lot_context))
+            q = first_user_turn(q, map_context(m, lot_context))
         value = answer_value(step["kind"], step, m, types, facts, lot_context, kb)
         messages.append({"role": "user", "content": q})
         messages.append({"role": "assistant", "content": render_answer(step["kind"], value, kb)})

@@ -69,7 +69,12 @@ def corpus_texts(items: Iterable[dict], kb: KnowledgeBase | None = None) -> Iter
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2):
     """Byte-level BPE (GPT-2 style pre-tokenisation, no prefix space) -> PreTrainedTokenizerFast
     with our special tokens (ids 0..6) and chat template. vocab_size includes the 256 byte
-    symbols and the special tokens."""
+    symbols and the special tokens.
+
+    Every digit is its own token (as in Llama and Qwen2): with plain GPT-2 pre-tokenisation
+    BPE merges frequent digit runs ("Ġ17", "46"), so one number is spelt with different pieces
+    depending on its neighbours; counts, percentages and lot ids then have to be learnt value by
+    value instead of digit by digit, and copying a lot id from the context is harder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -77,7 +82,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency:
         raise TokenizerError(f"vocab_size={vocab_size}: must be >= {256 + len(SPECIAL_TOKENS)}"
                              " (256 bytes + special tokens)")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=list(SPECIAL_TOKENS),

@@ -84,11 +84,17 @@ class IterStateHandler(ocp.CheckpointHandler):
         pass
 
 
-def saved_tree(ckptr, path) -> Any:
-    """The saved structure of the orbax item at `path` (nested mappings whose leaves carry
-    .shape and .dtype), read from its metadata without restoring any array; orbax versions
-    wrap it as `metadata.item_metadata.tree`, `.item_metadata` or return it bare."""
-    meta = getattr(ckptr.metadata(path), "item_metadata", None) or ckptr.metadata(path)
+def saved_tree(path) -> Any:
+    """The saved structure of the orbax pytree item at `path` (e.g. `.../<step>/state`):
+    nested mappings whose leaves carry .shape and .dtype, read from the item's own metadata
+    without restoring any array. Read through the item handler: a Checkpointer's metadata()
+    would also look for step-level metadata inside the item directory and log a warning that
+    it is missing. Orbax versions wrap the tree as `.tree` or return it bare."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        meta = handler.metadata(epath.Path(path))
+    finally:
+        handler.close()
     return getattr(meta, "tree", meta)
 
 

@@ -261,7 +261,7 @@ def restore_stage1_vision(state_dir: str, target_vision):
     with ocp.PyTreeCheckpointer() as ckptr:      # closed: no orbax threads left behind
         # Shapes are checked against the checkpoint's metadata first, so a mismatch is one
         # clear error naming the parameter (and no failed orbax restore is left in flight).
-        saved = saved_tree(ckptr, state_dir).get("params", {}).get("vision")
+        saved = saved_tree(state_dir).get("params", {}).get("vision")
         if saved is None:
             raise ValueError(f"{state_dir}: no params/vision in the stage-1 checkpoint")
         saved_flat = {lora_lib.path_str(p): m for p, m in
@@ -663,7 +663,7 @@ def load_for_inference(workdir, step: int | None = None):
     step = steps[-1] if step is None else int(step)
     path = os.fspath(ckdir / str(step) / "state")
     with ocp.PyTreeCheckpointer() as ckptr:
-        pmeta = saved_tree(ckptr, path)["params"]
+        pmeta = saved_tree(path)["params"]
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = {"params": jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), dict(pmeta))}
