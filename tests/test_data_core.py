@@ -128,6 +128,31 @@ def test_generator_pattern_statistics():
     assert mean_radius("Center") < 0.3 < 0.85 < mean_radius("Edge-Ring")
 
 
+def test_generator_mixed_patterns_lie_apart():
+    """In Edge-Loc + Loc maps the edge crescent (failing dies at radius > 0.9) and the Loc blob
+    (radius < 0.55) point in unrelated directions: their angular distance is about uniform on
+    [0, pi] (median pi/2), not clustered as it is when the patterns share one angle."""
+    from wamglm_jax.data import labels as L
+    ci = L.MIXEDWM38_CLASSES.index(frozenset({"Edge-Loc", "Loc"}))
+    w = np.zeros(len(L.MIXEDWM38_CLASSES))
+    w[ci] = 1.0
+    ds = generate(120, seed=1, label_space="mixedwm38", balance=w, background=0.0)
+    gaps = []
+    for m in ds.maps:
+        h, wd = m.shape
+        yy, xx = np.nonzero(m == 2)
+        u, v = (xx + .5) / wd * 2 - 1, (yy + .5) / h * 2 - 1
+        r = np.hypot(u, v)
+        outer, inner = r > 0.9, r < 0.55
+        if outer.sum() < 3 or inner.sum() < 3:
+            continue
+        a_out = np.angle(np.exp(1j * np.arctan2(v[outer], u[outer])).mean())
+        a_in = np.angle(np.exp(1j * np.arctan2(v[inner], u[inner])).mean())
+        gaps.append(abs(np.angle(np.exp(1j * (a_out - a_in)))))
+    assert len(gaps) > 40
+    assert np.median(gaps) > 1.0, np.median(gaps)
+
+
 def test_generator_shapes_and_frequencies():
     ds = generate(2000, seed=1, balance="wm811k")
     counts = np.bincount(ds.labels, minlength=9)

@@ -17,7 +17,8 @@ Geometry (wafer units: the wafer radius is 1; a grid H x W covers the wafer, so 
   * Every pattern fails its dies with a density (0.6..1) and soft borders, on top of
     background random failures (median ~5 %, <= 18 %) that rise slightly near the edge.
   * Lots: wafers come in lots (8..25 wafers, indices from 1..25) of one product (one die grid,
-    one die count) and mostly one cause (same class, similar angle / position).
+    one die count) and mostly one cause (same class, similar angle / position). In a mixed
+    map each pattern has its own angle, so its patterns do not pile up in one place.
 Shapes follow WM-811K: the common grids (25x27, 27x25, 26x26, 38x36, 33x37, 53x52, 32x29,
 49x39, ...) and a log-uniform tail from small (12 dies across, plus one 8x7 grid) to ~300x205. For the mixedwm38
 label space the grid is 52x52 by default, like the MixedWM38 file.
@@ -202,7 +203,7 @@ def _pattern(kind: str, b: _Batch, m: int, rng, rho, ang):
 
 
 def _render(b: _Batch, types: list[frozenset], rho, flat, ang, bg, rng) -> np.ndarray:
-    """uint8[n,H,W] maps for one grid batch."""
+    """uint8[n,H,W] maps for one grid batch; ang float[n,len(_TYPES)]: each pattern's angle."""
     n = b.n
     c = b.col
     on = b.r <= c(rho)
@@ -212,10 +213,10 @@ def _render(b: _Batch, types: list[frozenset], rho, flat, ang, bg, rng) -> np.nd
     edge = _sig((b.r - c(rho) + 0.15) / 0.05)
     p = (c(bg) * (1 + c(rng.uniform(0, 1.0, n)) * edge)).astype(np.float32)
     p = np.broadcast_to(p, (n, b.H, b.W)).copy()
-    for kind in _TYPES:
+    for k, kind in enumerate(_TYPES):
         idx = np.array([i for i in range(n) if kind in types[i]], np.int64)
         if len(idx):
-            q = _pattern(kind, b, len(idx), rng, rho[idx], ang[idx])
+            q = _pattern(kind, b, len(idx), rng, rho[idx], ang[idx, k])
             p[idx] = 1 - (1 - p[idx]) * (1 - q)
     fail = rng.random(p.shape, dtype=np.float32) < p
     return (on.astype(np.uint8) * (1 + fail)).astype(np.uint8)
@@ -287,6 +288,15 @@ def generate(num: int, seed: int = 0, label_space: str = "wm811k", balance="bala
         types = [L.MIXEDWM38_CLASSES[y] for y in labels]
     rho = rng.uniform(0.96, 1.03, num)
     ang = lot_ang[lot_of] + rng.normal(0, 0.35, num)
+    # The patterns of a mixed map lie at independent angles: each pattern kind gets its own
+    # angle offset per lot (lots stay coherent), drawn from a separate stream so that maps
+    # with one pattern, all of the 9-class space, are exactly as before. With one shared
+    # angle, a Loc and an Edge-Loc of the same map fell on top of each other and read as one
+    # larger Edge-Loc (likewise Scratch over Loc, Donut arcs over Loc).
+    offsets = np.random.default_rng(np.random.SeedSequence([int(seed), 0x0A11])).uniform(
+        -np.pi, np.pi, (len(sizes), len(_TYPES)))
+    multi = np.array([len(t) > 1 for t in types], bool)
+    ang = ang[:, None] + np.where(multi[:, None], offsets[lot_of], 0.0)  # float[num,K]
     flat = lot_flat[lot_of]
     bg = background * np.minimum(rng.lognormal(np.log(0.05), 0.7, num), 0.18)
     grid = np.array([lot_grid[k] for k in lot_of], int).reshape(-1, 2)
