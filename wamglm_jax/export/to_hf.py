@@ -218,13 +218,13 @@ def restore_params(state_dir: str) -> dict:
     import orbax.checkpoint as ocp
 
     from wamglm_jax.train.checkpoint import saved_tree
+    tree = saved_tree(state_dir)
+    if "params" not in tree:
+        raise ExportError(f"{state_dir}: checkpoint has no `params` (items: {sorted(tree)})")
+    sub = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                  tree["params"])}
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), sub)
     with ocp.PyTreeCheckpointer() as ckptr:
-        tree = saved_tree(state_dir)
-        if "params" not in tree:
-            raise ExportError(f"{state_dir}: checkpoint has no `params` (items: {sorted(tree)})")
-        sub = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
-                                      tree["params"])}
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), sub)
         out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(item=sub, restore_args=args,
                                                                   partial_restore=True))
     return out["params"]

@@ -11,8 +11,8 @@ used as fillers: besides the training questions' own words, the pattern names (a
 type-location question names its pattern) and the zone words (a zone follow-up names its
 zone); without that ban, noise that drops a pattern name into a location question teaches the
 model to confuse the two.
-Only the question text changes: the `<image>` marker, the lot context line and every answer
-(the training targets) are untouched. The evaluation's held-out phrasings are not looked at:
+Only the question text changes: the `<image>` marker, the context lines (die count, lot) and
+every answer (the training targets) are untouched. The evaluation's held-out phrasings are not looked at:
 the filler words come from the training answers only.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ def filler_vocabulary(items: Sequence[dict]) -> list[str]:
 
 def _split_question(content: str) -> tuple[str, str]:
     """(prefix, question): the question is the last line of a user message (the first turn
-    carries `<image>` and the context line on the lines before it)."""
+    carries `<image>` and the context lines on the lines before it)."""
     head, sep, q = content.rpartition("\n")
     return head + sep, q
 

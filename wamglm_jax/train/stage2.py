@@ -258,23 +258,23 @@ def restore_stage1_vision(state_dir: str, target_vision):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
         target_vision)
     sub = {"params": {"vision": abstract}}
+    # Shapes are checked against the checkpoint's metadata first, so a mismatch is one
+    # clear error naming the parameter (and no failed orbax restore is left in flight).
+    saved = saved_tree(state_dir).get("params", {}).get("vision")
+    if saved is None:
+        raise ValueError(f"{state_dir}: no params/vision in the stage-1 checkpoint")
+    saved_flat = {lora_lib.path_str(p): m for p, m in
+                  jax.tree_util.tree_flatten_with_path(dict(saved))[0]}
+    for p, b in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        name, m = lora_lib.path_str(p), saved_flat.get(lora_lib.path_str(p))
+        if m is None:
+            raise ValueError(f"{state_dir}: params/vision/{name} is missing from the stage-1 "
+                             "checkpoint (does config.model.vit match the stage-1 run?)")
+        if tuple(m.shape) != tuple(b.shape):
+            raise ValueError(f"{state_dir}: params/vision/{name} has shape {tuple(m.shape)} "
+                             f"in the stage-1 checkpoint, the model expects {b.shape} (does "
+                             "config.model.vit match the stage-1 run?)")
     with ocp.PyTreeCheckpointer() as ckptr:      # closed: no orbax threads left behind
-        # Shapes are checked against the checkpoint's metadata first, so a mismatch is one
-        # clear error naming the parameter (and no failed orbax restore is left in flight).
-        saved = saved_tree(state_dir).get("params", {}).get("vision")
-        if saved is None:
-            raise ValueError(f"{state_dir}: no params/vision in the stage-1 checkpoint")
-        saved_flat = {lora_lib.path_str(p): m for p, m in
-                      jax.tree_util.tree_flatten_with_path(dict(saved))[0]}
-        for p, b in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-            name, m = lora_lib.path_str(p), saved_flat.get(lora_lib.path_str(p))
-            if m is None:
-                raise ValueError(f"{state_dir}: params/vision/{name} is missing from the stage-1 "
-                                 "checkpoint (does config.model.vit match the stage-1 run?)")
-            if tuple(m.shape) != tuple(b.shape):
-                raise ValueError(f"{state_dir}: params/vision/{name} has shape {tuple(m.shape)} "
-                                 f"in the stage-1 checkpoint, the model expects {b.shape} (does "
-                                 "config.model.vit match the stage-1 run?)")
         out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
             item=sub, restore_args=ocp.checkpoint_utils.construct_restore_args(sub),
             partial_restore=True))
@@ -662,11 +662,11 @@ def load_for_inference(workdir, step: int | None = None):
         raise FileNotFoundError(f"{ckdir}: no stage-2 checkpoint; train stage 2 first")
     step = steps[-1] if step is None else int(step)
     path = os.fspath(ckdir / str(step) / "state")
+    pmeta = saved_tree(path)["params"]
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"params": jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), dict(pmeta))}
     with ocp.PyTreeCheckpointer() as ckptr:
-        pmeta = saved_tree(path)["params"]
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = {"params": jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), dict(pmeta))}
         params = ckptr.restore(path, args=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True))["params"]
