@@ -10,8 +10,9 @@ patches instead of the preset's 32x32 in 4x4: the same tokens and cost per step,
 one-die scratch survives the resize (at 32x32 Scratch/Loc/none were the classes it missed).
 Measured on 2 CPU cores (README, "Results"): 9 classes, test 97.3% / macro-F1 0.972 in 9.1 min
 wall (training seed 0), 96.95% with --config.seed=1: borderline. The same run at 32x32 gave
-96.3% and at 48x48 (patch 6) 96.8%. 38 classes: 80.3%, and 78.6% once mixed patterns no
-longer share one angle (generator fix): not met; Scratch on top of other patterns is the error.
+96.3% and at 48x48 (patch 6) 96.8%. 38 classes: 80.3%, 78.6% once mixed patterns no longer
+share one angle, 81.7% once a pattern the others cover is drawn again (generator fixes): not
+met; Scratch present or absent on top of other patterns is the error.
 """
 from configs import common
 from wamglm_jax.data.splits import default_data_config

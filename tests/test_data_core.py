@@ -153,6 +153,76 @@ def test_generator_mixed_patterns_lie_apart():
     assert np.median(gaps) > 1.0, np.median(gaps)
 
 
+def _visible_fraction_loop(drawn, on, kind, row):
+    """Brute force, straight from the rule: the share of pattern `kind`'s core dies (on the
+    wafer, q > 0.5) in its map `row` where the other patterns fail with probability < 0.3."""
+    from wamglm_jax.data import generator as G
+    idx, q = drawn[kind]
+    i = int(idx[row])
+    core = clear = 0
+    for h in range(on.shape[1]):
+        for w in range(on.shape[2]):
+            if not (on[i, h, w] and q[row, h, w] > 0.5):
+                continue
+            free = 1.0
+            for other, (oidx, oq) in drawn.items():
+                if other != kind and i in oidx:
+                    free *= 1.0 - float(oq[list(oidx).index(i), h, w])
+            core += 1
+            clear += (1.0 - free) < G.CLEAR_MAX
+    return clear / core if core else 0.0
+
+
+def test_visible_fractions_match_brute_force():
+    from wamglm_jax.data import generator as G
+    rng = np.random.default_rng(0)
+    n, h, w = 5, 6, 7
+    on = rng.random((n, h, w)) < 0.8
+    drawn = {"Center": (np.array([0, 1, 3]), rng.random((3, h, w)).astype(np.float32)),
+             "Scratch": (np.array([1, 2, 3, 4]), rng.random((4, h, w)).astype(np.float32)),
+             "Loc": (np.array([3]), np.zeros((1, h, w), np.float32))}   # no core: fraction 0
+    got = G.visible_fractions(drawn, on)
+    for kind, (idx, _) in drawn.items():
+        want = [_visible_fraction_loop(drawn, on, kind, r) for r in range(len(idx))]
+        np.testing.assert_allclose(got[kind], want, rtol=0, atol=1e-12)
+
+
+def test_generator_mixed_patterns_stay_visible(monkeypatch):
+    """Center+Loc+Scratch and Donut+Loc+Scratch maps: before the redraw rule about one Loc or
+    Scratch in ten is mostly covered by the other patterns; after it, nearly none (brute-force
+    check of the rule on the patterns actually rendered)."""
+    from wamglm_jax.data import generator as G
+    seen = {"before": [], "after": []}
+    original = G._redraw_hidden
+
+    def recording(drawn, b, on, rho, ang, rng):
+        for tag in ("before", "after"):
+            if tag == "after":
+                original(drawn, b, on, rho, ang, rng)
+            for kind in ("Loc", "Scratch"):
+                seen[tag] += [_visible_fraction_loop(drawn, on, kind, r)
+                              for r in range(len(drawn[kind][0]))]
+    monkeypatch.setattr(G, "_redraw_hidden", recording)
+    wts = np.zeros(len(L.MIXEDWM38_CLASSES))
+    for combo in ({"Center", "Loc", "Scratch"}, {"Donut", "Loc", "Scratch"}):
+        wts[L.MIXEDWM38_CLASSES.index(frozenset(combo))] = 1.0
+    G.generate(60, seed=2, label_space="mixedwm38", balance=wts, shapes=[(26, 26)])
+    before, after = np.array(seen["before"]), np.array(seen["after"])
+    assert len(after) == 120
+    assert np.mean(before < G.VISIBLE_MIN) > 0.08, np.mean(before < G.VISIBLE_MIN)
+    assert np.mean(after < G.VISIBLE_MIN) <= 0.03, np.mean(after < G.VISIBLE_MIN)
+
+
+def test_generator_single_pattern_maps_skip_the_redraw(monkeypatch):
+    from wamglm_jax.data import generator as G
+
+    def fail(*args):
+        raise AssertionError("_redraw_hidden called for single-pattern maps")
+    monkeypatch.setattr(G, "_redraw_hidden", fail)
+    ds = G.generate(300, seed=4)
+    assert len(ds) == 300
+
+
 def test_generator_shapes_and_frequencies():
     ds = generate(2000, seed=1, balance="wm811k")
     counts = np.bincount(ds.labels, minlength=9)

@@ -18,7 +18,9 @@ Geometry (wafer units: the wafer radius is 1; a grid H x W covers the wafer, so 
     background random failures (median ~5 %, <= 18 %) that rise slightly near the edge.
   * Lots: wafers come in lots (8..25 wafers, indices from 1..25) of one product (one die grid,
     one die count) and mostly one cause (same class, similar angle / position). In a mixed
-    map each pattern has its own angle, so its patterns do not pile up in one place.
+    map each pattern has its own angle, so its patterns do not pile up in one place, and a
+    pattern the others cover (more than half of its core under them, e.g. a scratch inside a
+    Center disc) is drawn again: the label names only what the map shows.
 Shapes follow WM-811K: the common grids (25x27, 27x25, 26x26, 38x36, 33x37, 53x52, 32x29,
 49x39, ...) and a log-uniform tail from small (12 dies across, plus one 8x7 grid) to ~300x205. For the mixedwm38
 label space the grid is 52x52 by default, like the MixedWM38 file.
@@ -213,13 +215,74 @@ def _render(b: _Batch, types: list[frozenset], rho, flat, ang, bg, rng) -> np.nd
     edge = _sig((b.r - c(rho) + 0.15) / 0.05)
     p = (c(bg) * (1 + c(rng.uniform(0, 1.0, n)) * edge)).astype(np.float32)
     p = np.broadcast_to(p, (n, b.H, b.W)).copy()
+    drawn = {}                                          # kind -> (idx int[m], q float[m,H,W])
     for k, kind in enumerate(_TYPES):
         idx = np.array([i for i in range(n) if kind in types[i]], np.int64)
         if len(idx):
-            q = _pattern(kind, b, len(idx), rng, rho[idx], ang[idx, k])
-            p[idx] = 1 - (1 - p[idx]) * (1 - q)
+            drawn[kind] = (idx, _pattern(kind, b, len(idx), rng, rho[idx], ang[idx, k]))
+    if any(len(t) > 1 for t in types):
+        _redraw_hidden(drawn, b, on, rho, ang, rng)
+    for idx, q in drawn.values():
+        p[idx] = 1 - (1 - p[idx]) * (1 - q)
     fail = rng.random(p.shape, dtype=np.float32) < p
     return (on.astype(np.uint8) * (1 + fail)).astype(np.uint8)
+
+
+# A pattern of a mixed map counts as visible when at least VISIBLE_MIN of its core dies (on
+# the wafer, own failure probability > 0.5) lie where the map's other patterns fail with
+# probability < CLEAR_MAX; a hidden one is drawn again (new shape and place), up to
+# MAX_REDRAWS times.
+VISIBLE_MIN, CLEAR_MAX, MAX_REDRAWS = 0.5, 0.3, 16
+
+
+def visible_fractions(drawn: dict, on: np.ndarray) -> dict:
+    """kind -> float[m]: the share of each drawn pattern's core dies that the map's other
+    patterns leave clear. drawn: kind -> (idx int[m], q float[m,H,W]); on bool[n,H,W]."""
+    n, shape = on.shape[0], on.shape[1:]
+    clear_of = {}
+    for kind in drawn:                  # product of (1 - q) over the other patterns: [n,H,W]
+        free = np.ones((n,) + shape, np.float32)
+        for other, (idx, q) in drawn.items():
+            if other != kind:
+                free[idx] *= 1 - q
+        clear_of[kind] = free
+    out = {}
+    for kind, (idx, q) in drawn.items():
+        core = (q > 0.5) & on[idx]
+        clear = core & (1 - clear_of[kind][idx] < CLEAR_MAX)
+        ncore = core.sum(axis=(1, 2))
+        out[kind] = np.where(ncore > 0, clear.sum(axis=(1, 2)) / np.maximum(ncore, 1), 0.0)
+    return out
+
+
+def _redraw_hidden(drawn: dict, b: _Batch, on, rho, ang, rng) -> None:
+    """Redraws, in place, the patterns of multi-pattern maps that the others cover: a label
+    must name only what the map shows (a one-die scratch inside a Center disc is invisible).
+    Only maps with several patterns are checked, so single-pattern maps draw nothing more."""
+    count = np.zeros(b.n, np.int64)
+    for idx, _ in drawn.values():
+        count[idx] += 1
+    dirty = np.flatnonzero(count > 1)    # maps whose visibility is (re)checked, sorted
+    for _ in range(MAX_REDRAWS):
+        if not len(dirty):
+            return
+        local, rows_of = {}, {}
+        for kind, (idx, q) in drawn.items():
+            rows = np.flatnonzero(np.isin(idx, dirty))
+            if len(rows):
+                local[kind] = (np.searchsorted(dirty, idx[rows]), q[rows])
+                rows_of[kind] = rows
+        frac = visible_fractions(local, on[dirty])
+        redrawn = []
+        for kind, rows in rows_of.items():
+            rows = rows[frac[kind] < VISIBLE_MIN]
+            if len(rows):
+                idx, q = drawn[kind]
+                sub = idx[rows]
+                q[rows] = _pattern(kind, b, len(sub), rng, rho[sub],
+                                   ang[sub, _TYPES.index(kind)])
+                redrawn.append(sub)
+        dirty = np.unique(np.concatenate(redrawn)) if redrawn else dirty[:0]
 
 
 def _lot_shapes(num_lots, rng, shapes):
