@@ -66,6 +66,13 @@ def test_siglip_vision_parity():
         feats, pooled = jax.jit(VisionTransformer(c).apply)({"params": p}, images)
         assert np.abs(np.asarray(feats) - hs[fl]).max() < TOL, (scan, fl)
         assert np.abs(np.asarray(pooled) - pooled_ref).max() < TOL
+    # Stage-1 'mean_max' pooling: [mean, max] over HF's post-layernorm tokens.
+    p = hf_weights.tower_from_hf(sd, "vision", cfg)
+    _, pooled = jax.jit(VisionTransformer(cfg, pooling="mean_max").apply)({"params": p}, images)
+    want = np.concatenate([pooled_ref, out.last_hidden_state.numpy().max(1)], -1)
+    assert pooled.shape == (2, 64) and np.abs(np.asarray(pooled) - want).max() < TOL
+    with pytest.raises(ValueError, match="pooling='sum'.*config.stage1.pooling"):
+        VisionTransformer(cfg, pooling="sum").init(jax.random.key(0), images)
     # Round trip back to HF names and layouts is exact.
     back = hf_weights.tower_to_hf(hf_weights.tower_from_hf(sd, "vision", cfg), "vision")
     assert set(back) == set(sd)

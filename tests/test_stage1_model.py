@@ -151,3 +151,21 @@ def test_bfloat16_compute_and_bad_config(setup):
     np.testing.assert_array_equal(np.asarray(out["prototypes"]), np.asarray(ref["prototypes"]))
     with pytest.raises(ValueError, match="num_classes"):
         Stage1Model(config=cfg16, num_classes=1).init(jax.random.key(0), images)
+
+
+def test_mean_max_pooling_widens_the_head(setup):
+    """pooling='mean_max': the vision params are those of 'mean' (pooling has none), the
+    head reads [mean, max] (classifier kernel [2Dv, C]) and `pooled` is that concatenation."""
+    cfg, _, variables, images = setup
+    model = Stage1Model(config=cfg, num_classes=C, proj_dim=16, pooling="mean_max")
+    v2 = nn.unbox(jax.jit(model.init, static_argnames="train")(
+        jax.random.key(0), images, train=False))
+    d = cfg.vit.hidden_size
+    assert jax.tree.map(np.shape, v2["params"]["vision"]) == jax.tree.map(
+        np.shape, variables["params"]["vision"])
+    assert v2["params"]["head"]["classifier"]["kernel"].shape == (2 * d, C)
+    out = run(model, v2, images)
+    _, mean_pooled = VisionTransformer(cfg).apply({"params": v2["params"]["vision"]}, images)
+    np.testing.assert_allclose(np.asarray(out["pooled"][:, :d]), np.asarray(mean_pooled),
+                               atol=1e-6)
+    assert np.all(np.asarray(out["pooled"][:, d:]) >= np.asarray(out["pooled"][:, :d]) - 1e-6)

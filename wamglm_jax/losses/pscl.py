@@ -113,8 +113,12 @@ def stage1_loss(outputs_v1: Mapping[str, jax.Array],
                 outputs_v3: Optional[Mapping[str, jax.Array]],
                 labels: jax.Array, valid: Optional[jax.Array] = None, *,
                 pscl_weight: float = 0.35, temperature: float = 0.08,
-                class_weights: Optional[jax.Array] = None):
+                class_weights: Optional[jax.Array] = None, ce_all_views: bool = False):
     """Stage-1 objective: CE on view 1 + pscl_weight * BalSCL on views 2 and 3.
+
+    ce_all_views=True averages the CE over the three views instead of taking view 1's (not
+    the reference recipe: views 2 and 3 are computed anyway, so on a small compute budget
+    they can feed the classifier too; the contrastive term is unchanged).
 
     Args:
       outputs_v1/v2/v3: Stage1Model output dicts of the three views (keys `logits`
@@ -138,14 +142,23 @@ def stage1_loss(outputs_v1: Mapping[str, jax.Array],
         valid = jnp.ones((b,), bool)
     validf = valid.astype(jnp.float32)
     safe_labels = jnp.where(valid, labels.astype(jnp.int32), 0)
-    ce_i = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)  # float[B]
     w = validf
     if class_weights is not None:
         class_weights = jnp.asarray(class_weights, jnp.float32)
         _check(class_weights.shape == (num_classes,),
                f"class_weights must be float[{num_classes}]; got {class_weights.shape}")
         w = w * class_weights[safe_labels]
-    ce = jnp.sum(ce_i * w) / jnp.maximum(jnp.sum(w), 1e-12)
+
+    def weighted_ce(view_logits):                                      # float[B,C] -> scalar
+        ce_i = optax.softmax_cross_entropy_with_integer_labels(
+            view_logits.astype(jnp.float32), safe_labels)              # float[B]
+        return jnp.sum(ce_i * w) / jnp.maximum(jnp.sum(w), 1e-12)
+
+    ce = weighted_ce(logits)
+    if ce_all_views:
+        _check(outputs_v2 is not None and outputs_v3 is not None,
+               "outputs_v2/outputs_v3 are required when ce_all_views=True")
+        ce = (ce + weighted_ce(outputs_v2["logits"]) + weighted_ce(outputs_v3["logits"])) / 3
 
     if _is_zero(pscl_weight) and (outputs_v2 is None or outputs_v3 is None):
         scl = jnp.zeros((), jnp.float32)

@@ -1,6 +1,7 @@
 """Stage-1 model: the ViT plus the PSCL head (classifier, projection head, prototypes).
 
     images float[B,S,S,3] -> vision (VisionTransformer) -> pooled float[B,Dv]
+                                                  (float[B,2Dv] with pooling='mean_max')
     head:
       logits     = pooled @ W_cls + b_cls                        float[B,C]
       z          = normalize(Dense -> BatchNorm -> ReLU -> Dense(proj_dim))(pooled)
@@ -96,12 +97,13 @@ class Stage1Model(nn.Module):
     config: Any          # config.model
     num_classes: int
     proj_dim: int = 256
+    pooling: str = "mean"    # vit.POOLINGS; 'mean_max' doubles Dv of `pooled` and the head
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         if self.num_classes < 2:
             raise ValueError(f"Stage1Model: num_classes={self.num_classes}, expected >= 2")
-        _, pooled = VisionTransformer(config=self.config, name="vision")(
+        _, pooled = VisionTransformer(config=self.config, pooling=self.pooling, name="vision")(
             images, deterministic=not train)
         out = Stage1Head(self.num_classes, self.proj_dim, name="head")(pooled, train)
         out["pooled"] = pooled.astype(jnp.float32)

@@ -8,7 +8,10 @@ Returns (features, pooled):
     features float[B,N,Dv] = HF `hidden_states[vit.feature_layer]` (hidden_states[0] is the
         embedding output, -1 the last block), taken BEFORE post_layernorm (what Llava feeds its
         projector);
-    pooled float[B,Dv] = mean over the N tokens of post_layernorm(last block output) (stage 1).
+    pooled float[B,Dv] = mean over the N tokens of post_layernorm(last block output) (stage 1);
+        with pooling='mean_max', float[B,2Dv] = [mean, max] over the tokens (a pattern that
+        covers a few tokens, a thin scratch, is not averaged away). Pooling has no parameters
+        and is not exported: the Llava projector reads `features`.
 
 Param names mirror HF (`embeddings/patch_embedding`, `encoder/layers_i/self_attn/q_proj`, ...)
 so that export/hf_weights.py is a rename plus transposes. With scan_layers the blocks are one
@@ -128,8 +131,12 @@ class Encoder(nn.Module):
         return x, feat
 
 
+POOLINGS = ("mean", "mean_max")
+
+
 class VisionTransformer(nn.Module):
     config: Any          # config.model
+    pooling: str = "mean"   # POOLINGS: how `pooled` summarises the tokens (stage 1 only)
 
     @nn.compact
     def __call__(self, images, deterministic: bool = True):
@@ -146,7 +153,14 @@ class VisionTransformer(nn.Module):
         x = constrain(x, ACT)
         last, feats = Encoder(cfg, dtype, name="encoder")(x)
         post = LayerNorm(v.layer_norm_eps, dtype, name="post_layernorm")(last)
-        pooled = post.astype(jnp.float32).mean(axis=1)
+        post = post.astype(jnp.float32)                                # float[B,N,Dv]
+        if self.pooling == "mean":
+            pooled = post.mean(axis=1)                                  # float[B,Dv]
+        elif self.pooling == "mean_max":
+            pooled = jnp.concatenate([post.mean(axis=1), post.max(axis=1)], -1)  # [B,2Dv]
+        else:
+            raise ValueError(f"VisionTransformer: pooling={self.pooling!r}, expected one of "
+                             f"{POOLINGS} (config.stage1.pooling)")
         return feats, pooled
 
 

@@ -48,7 +48,9 @@ def default_stage1_config(**overrides) -> ml_collections.ConfigDict:
         eval_batch_size=256,
         pscl_weight=0.35,           # 0 = ablation (CE only)
         temperature=0.08,
+        ce_all_views=False,         # CE averaged over the 3 views (reference: view 1 only)
         proj_dim=256,
+        pooling="mean",             # pooled ViT feature for the head: mean | mean_max
         class_weighting="none",     # CE class weights from train counts: none | sqrt | full
         tta=False,                  # final evaluation: average softmax over the 8 dihedral views
                                     # (model selection during training never uses TTA)
@@ -88,7 +90,8 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> Optional[n
 # ---------------------------------------------------------------------------- model / state
 def build_model(config, num_classes: int, s1=None) -> Stage1Model:
     s1 = s1 or _stage_cfg(config)
-    return Stage1Model(config=config.model, num_classes=num_classes, proj_dim=s1.proj_dim)
+    return Stage1Model(config=config.model, num_classes=num_classes, proj_dim=s1.proj_dim,
+                       pooling=s1.pooling)
 
 
 def init_state(config, model, mesh, s1, rules):
@@ -116,7 +119,8 @@ def make_train_step(model, s1, cw):
                                        batch["views"], train=True)
             loss, aux = stage1_loss(outs[0], outs[1], outs[2], batch["label"],
                                     pscl_weight=s1.pscl_weight, temperature=s1.temperature,
-                                    class_weights=weights)
+                                    class_weights=weights,
+                                    ce_all_views=bool(s1.ce_all_views))
             return loss, (aux, new_bs)
         (loss, (aux, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         state = state.apply_gradients(grads, batch_stats=new_bs)
