@@ -26,12 +26,19 @@ def _main(workdir, *extra):
                           capture_output=True, text=True, timeout=600)
 
 
+# The non-default head options ride along (sharded, through the real entry point).
+OPTIONS = ["--config.stage1.pooling=mean_max", "--config.stage1.ce_all_views=True"]
+
+
 @pytest.mark.slow
 def test_stage1_main_end_to_end(tmp_path):
-    proc = _main(tmp_path)
+    proc = _main(tmp_path, *OPTIONS)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "data=4, fsdp=2" in proc.stderr
     stage = tmp_path / "stage1"
+    from wamglm_jax.train.checkpoint import saved_tree
+    head = saved_tree(stage / "checkpoints" / "6" / "state")["params"]["head"]
+    assert tuple(head["classifier"]["kernel"].shape) == (2 * 64, 9)     # [mean, max] of Dv=64
     report = json.loads((stage / "report.json").read_text())
     for key in ("stage", "steps", "final_train_loss", "wall_seconds", "accuracy", "macro_f1",
                 "per_class"):
@@ -52,6 +59,6 @@ def test_stage1_main_end_to_end(tmp_path):
     assert [e["step"] for e in report["evals"]] == [3, 6]
     # Re-running a finished workdir keeps the report instead of training again.
     mtime = (stage / "report.json").stat().st_mtime
-    proc = _main(tmp_path)
+    proc = _main(tmp_path, *OPTIONS)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "is finished" in proc.stderr and (stage / "report.json").stat().st_mtime == mtime
