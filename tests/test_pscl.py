@@ -169,57 +169,58 @@ def _outputs(rng, b, c, d):
                 prototypes=jnp.asarray(unit(rng, c, d), jnp.float32))
 
 
-def test_stage1_loss_components():
-    rng = np.random.default_rng(8)
-    b, c, d = 10, 5, 6
+def _loss_case(seed, b, c, d, padded):
+    """Three views' outputs (views 2 and 3 share prototypes), labels, a validity mask with the
+    last `padded` rows off, and class weights."""
+    rng = np.random.default_rng(seed)
     v1, v2, v3 = _outputs(rng, b, c, d), _outputs(rng, b, c, d), _outputs(rng, b, c, d)
     v3["prototypes"] = v2["prototypes"]
     labels = rng.integers(0, c, b).astype(np.int32)
     valid = np.ones(b, bool)
-    valid[-2:] = False
+    valid[-padded:] = False
     cw = rng.uniform(0.5, 2.0, c).astype(np.float32)
-    loss, aux = jax.jit(lambda *a: stage1_loss(*a, pscl_weight=0.35, temperature=0.08,
-                                               class_weights=cw))(v1, v2, v3, labels, valid)
+    return (v1, v2, v3), labels, valid, cw
+
+
+def _torch_ce(view, labels, cw, k):
+    """PyTorch's weighted CE over the first k (valid) rows."""
+    return torch.nn.functional.cross_entropy(
+        torch.tensor(np.asarray(view["logits"])[:k], dtype=torch.float64),
+        torch.tensor(labels[:k], dtype=torch.long),
+        weight=torch.tensor(cw, dtype=torch.float64)).item()
+
+
+def _check_scl_and_accuracy(views, labels, valid, aux, loss, ce_want):
+    v1, v2, v3 = views
     k = valid.sum()
-    ce_t = torch.nn.functional.cross_entropy(
-        torch.tensor(np.asarray(v1["logits"])[:k], dtype=torch.float64),
-        torch.tensor(labels[:k], dtype=torch.long), weight=torch.tensor(cw, dtype=torch.float64))
     scl = brute_balscl(np.asarray(v2["z"], np.float64), np.asarray(v3["z"], np.float64), labels,
                        np.asarray(v2["prototypes"], np.float64), valid, 0.08)
-    np.testing.assert_allclose(float(aux["ce"]), ce_t.item(), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["ce"]), ce_want, rtol=1e-5)
     np.testing.assert_allclose(float(aux["scl"]), scl, rtol=1e-5)
-    np.testing.assert_allclose(float(loss), ce_t.item() + 0.35 * scl, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), ce_want + 0.35 * scl, rtol=1e-5)
     acc = (np.asarray(v1["logits"]).argmax(-1)[:k] == labels[:k]).mean()
     np.testing.assert_allclose(float(aux["accuracy"]), acc, rtol=1e-6)
+
+
+def test_stage1_loss_components():
+    views, labels, valid, cw = _loss_case(8, 10, 5, 6, padded=2)
+    loss, aux = jax.jit(lambda *a: stage1_loss(*a, pscl_weight=0.35, temperature=0.08,
+                                               class_weights=cw))(*views, labels, valid)
+    _check_scl_and_accuracy(views, labels, valid, aux, loss,
+                            _torch_ce(views[0], labels, cw, valid.sum()))
 
 
 def test_stage1_loss_ce_on_all_views():
     """ce_all_views: the CE is the mean of the three views' weighted CEs (PyTorch), padding
     and class weights as for view 1; the contrastive term and the accuracy are unchanged."""
-    rng = np.random.default_rng(12)
-    b, c, d = 9, 4, 5
-    v1, v2, v3 = _outputs(rng, b, c, d), _outputs(rng, b, c, d), _outputs(rng, b, c, d)
-    v3["prototypes"] = v2["prototypes"]
-    labels = rng.integers(0, c, b).astype(np.int32)
-    valid = np.ones(b, bool)
-    valid[-3:] = False
-    cw = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    views, labels, valid, cw = _loss_case(12, 9, 4, 5, padded=3)
     loss, aux = jax.jit(lambda *a: stage1_loss(*a, pscl_weight=0.35, temperature=0.08,
                                                class_weights=cw, ce_all_views=True))(
-        v1, v2, v3, labels, valid)
-    k = valid.sum()
-    ces = [torch.nn.functional.cross_entropy(
-        torch.tensor(np.asarray(v["logits"])[:k], dtype=torch.float64),
-        torch.tensor(labels[:k], dtype=torch.long),
-        weight=torch.tensor(cw, dtype=torch.float64)).item() for v in (v1, v2, v3)]
-    scl = brute_balscl(np.asarray(v2["z"], np.float64), np.asarray(v3["z"], np.float64), labels,
-                       np.asarray(v2["prototypes"], np.float64), valid, 0.08)
-    np.testing.assert_allclose(float(aux["ce"]), np.mean(ces), rtol=1e-5)
-    np.testing.assert_allclose(float(loss), np.mean(ces) + 0.35 * scl, rtol=1e-5)
-    acc = (np.asarray(v1["logits"]).argmax(-1)[:k] == labels[:k]).mean()
-    np.testing.assert_allclose(float(aux["accuracy"]), acc, rtol=1e-6)
+        *views, labels, valid)
+    ces = [_torch_ce(v, labels, cw, valid.sum()) for v in views]
+    _check_scl_and_accuracy(views, labels, valid, aux, loss, np.mean(ces))
     with pytest.raises(ValueError, match="ce_all_views"):
-        stage1_loss(v1, None, None, labels, pscl_weight=0.0, ce_all_views=True)
+        stage1_loss(views[0], None, None, labels, pscl_weight=0.0, ce_all_views=True)
 
 
 def test_pscl_weight_zero_is_plain_cross_entropy():
