@@ -93,7 +93,8 @@ def vision_fields(v: dict, where: str) -> dict:
                 intermediate_size=int(_get(v, "intermediate_size", where)),
                 num_layers=int(_get(v, "num_hidden_layers", where)),
                 num_heads=int(_get(v, "num_attention_heads", where)),
-                layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)))
+                layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
+                stem="patch")           # SigLIP embeds with the patch conv
 
 
 def lm_fields(t: dict, where: str, max_seq_len: int | None = None) -> dict:

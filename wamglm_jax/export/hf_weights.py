@@ -247,6 +247,10 @@ def hf_config_kwargs(cfg) -> dict:
     """Keyword arguments for transformers SiglipVisionConfig / LlamaConfig / LlavaConfig that
     describe the same architecture as config.model `cfg`."""
     v, lm = cfg.vit, cfg.lm
+    if v.get("stem", "patch") != "patch":
+        raise ValueError(f"config.model.vit.stem={v.stem!r}: Hugging Face SigLIP (and so Llava "
+                         "in transformers and vLLM) has only the patch conv; a model trained "
+                         "with stem='conv' cannot be exported (serve it with the JAX tools)")
     vision = dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                   num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
                   num_channels=v.num_channels, image_size=v.image_size,

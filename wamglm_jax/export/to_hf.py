@@ -240,6 +240,11 @@ def load_stage2(workdir: str, step: int | None = None):
                           "(wamglm_jax.train.stage2 writes stage2/model_config.json)")
     mc = json.load(open(mc_path))
     cfg = ml_collections.ConfigDict(mc["model"])
+    stem = cfg.vit.get("stem", "patch")
+    if stem != "patch":
+        raise ExportError(f"{mc_path}: model.vit.stem={stem!r}, expected 'patch': Hugging Face "
+                          "SigLIP (Llava in transformers and vLLM) has only the patch conv, so "
+                          "a conv-stem model cannot be exported; serve it with the JAX tools")
     ckpt_dir = os.path.join(stage_dir, "checkpoints")
     steps = _checkpoint_steps(ckpt_dir)
     if not steps:

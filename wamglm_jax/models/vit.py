@@ -132,6 +132,7 @@ class Encoder(nn.Module):
 
 
 POOLINGS = ("mean", "mean_max")
+STEMS = ("patch", "conv")   # config.model.vit.stem; only 'patch' is SigLIP (exportable)
 
 
 class VisionTransformer(nn.Module):
@@ -149,7 +150,12 @@ class VisionTransformer(nn.Module):
         if images.ndim != 4 or tuple(images.shape[1:]) != want:
             raise ValueError(f"VisionTransformer: images shape {images.shape}, expected "
                              f"[B,{want[0]},{want[1]},{want[2]}] (config.model.vit)")
-        x = _PatchEmbed(cfg, dtype, name="embeddings")(images)        # float[B,N,Dv]
+        stem = v.get("stem", "patch")
+        if stem not in STEMS:
+            raise ValueError(f"VisionTransformer: config.model.vit.stem={stem!r}, expected one "
+                             f"of {STEMS}")
+        embed = _PatchEmbed if stem == "patch" else _ConvStemEmbed
+        x = embed(cfg, dtype, name="embeddings")(images)               # float[B,N,Dv]
         x = constrain(x, ACT)
         last, feats = Encoder(cfg, dtype, name="encoder")(x)
         post = LayerNorm(v.layer_norm_eps, dtype, name="post_layernorm")(last)
@@ -187,3 +193,47 @@ class _PatchEmbed(nn.Module):
         y = y + bias.astype(self.dtype)
         b = y.shape[0]
         return y.reshape(b, n, d) + pos.astype(self.dtype)[None]
+
+
+class _ConvStemEmbed(nn.Module):
+    """Convolutional stem in place of the patch conv (Xiao et al. 2021, "Early convolutions
+    help transformers see better"): log2(P) 3x3 stride-2 convs (padding 1, as torch), each followed by
+    LayerNorm over channels and GELU, with widths Dv/2^(k-1) .. Dv/2, Dv (k = log2 P), then a
+    1x1 conv to Dv and the learned position embeddings. Same N = (S/P)^2 tokens as the patch
+    conv, so everything after the embeddings is unchanged.
+
+    Why: a linear 8x8 patch embedding has no locality prior inside the patch; on a few epochs
+    of wafer maps the small convs learn thin scratches and small blobs much faster. It is not
+    SigLIP, so `export/to_hf` refuses a model built with it (stage-1 / JAX serving only)."""
+    cfg: Any
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, images):                               # images float[B,S,S,C]
+        v = self.cfg.vit
+        p, d, n = v.patch_size, v.hidden_size, num_patches(self.cfg)
+        k = p.bit_length() - 1
+        if p < 2 or 1 << k != p:
+            raise ValueError(f"config.model.vit.patch_size={p}: stem='conv' needs a power of 2 "
+                             f">= 2 (one stride-2 conv per halving)")
+        widths = [max(d >> (k - 1 - i), 8) for i in range(k)]     # ..., Dv/2, Dv
+        y = images.astype(self.dtype)
+        for i, w in enumerate(widths):
+            c = y.shape[-1]
+            kernel = self.param(f"stem_{i}_kernel", nn.with_logical_partitioning(
+                nn.initializers.normal((9 * c) ** -0.5), (None, None, None, None)),
+                (3, 3, c, w), jnp.float32)
+            y = jax.lax.conv_general_dilated(
+                y, kernel.astype(self.dtype), (2, 2), ((1, 1), (1, 1)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))            # float[B,h/2,h/2,w]
+            y = jax.nn.gelu(LayerNorm(v.layer_norm_eps, self.dtype, name=f"stem_{i}_norm")(y))
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            nn.initializers.normal(widths[-1] ** -0.5), (None, None, "channels", "embed")),
+            (1, 1, widths[-1], d), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(
+            nn.initializers.zeros, ("embed",)), (d,), jnp.float32)
+        pos = self.param("position_embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("patch", "embed")), (n, d), jnp.float32)
+        y = jnp.einsum("bhwc,cd->bhwd", y, kernel[0, 0].astype(self.dtype))
+        y = y + bias.astype(self.dtype)                                # float[B,S/P,S/P,Dv]
+        return y.reshape(y.shape[0], n, d) + pos.astype(self.dtype)[None]
