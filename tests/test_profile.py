@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import presets
 from tools import profile_step
@@ -75,8 +76,10 @@ def test_profile_step_stage2_tiny(tmp_path, capsys):
     assert any(f.endswith(".xplane.pb") for _, _, fs in os.walk(trace) for f in fs)
 
 
-def test_stage1_analytic_flops_match_param_count():
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_stage1_analytic_flops_match_param_count(stem):
     cfg = presets.model_config("tiny")
+    cfg.vit.stem = stem
     b, c, pd = 4, 9, 256
     s = cfg.vit.image_size
     shapes = jax.eval_shape(lambda: nn.unbox(Stage1Model(config=cfg, num_classes=c, proj_dim=pd)
@@ -87,7 +90,10 @@ def test_stage1_analytic_flops_match_param_count():
     total = 0
     for path, shape in kernels(shapes).items():
         w = math.prod(shape)
-        if path.startswith("vision/"):
+        if "/stem_" in path:                # conv-stem layer i runs at (S / 2^(i+1))^2 pixels
+            i = int(path.split("/stem_")[1].split("_")[0])
+            total += 6 * w * images * (s // 2 ** (i + 1)) ** 2
+        elif path.startswith("vision/"):
             total += 6 * w * images * n
         elif "proto_" in path:
             total += 6 * w * c                # prototypes: one pass over the C class rows

@@ -77,7 +77,14 @@ def analytic_flops(model_cfg, *, stage: str, batch: int, seq_len: int = 0,
     blocks = vit_blocks_computed(model_cfg, stage)
     images = batch * (views if stage == "stage1" else 1)
     fwd = {}
-    fwd["vit_patch_embed"] = images * 2 * n * (p * p * c) * dv
+    if v.get("stem", "patch") == "conv":     # log2(P) 3x3/2 convs, then a 1x1 conv to Dv
+        k = p.bit_length() - 1
+        widths = [max(dv >> (k - 1 - i), 8) for i in range(k)]
+        fwd["vit_patch_embed"] = images * 2 * n * widths[-1] * dv + sum(
+            images * 2 * (s >> (i + 1)) ** 2 * 9 * cin * w
+            for i, (cin, w) in enumerate(zip([c] + widths[:-1], widths)))
+    else:
+        fwd["vit_patch_embed"] = images * 2 * n * (p * p * c) * dv
     fwd["vit_dense"] = images * blocks * (2 * n * 4 * dv * dv + 2 * n * 2 * dv * iv)
     fwd["vit_attention"] = images * blocks * 4 * n * n * dv
     if stage == "stage1":
