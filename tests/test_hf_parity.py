@@ -80,56 +80,71 @@ def test_siglip_vision_parity():
         np.testing.assert_array_equal(back[k], sd[k].numpy())
 
 
-def test_conv_stem_vit_matches_torch():
-    """stem='conv': an independent PyTorch stem (Conv2d 3x3/2 padding 1, LayerNorm over
-    channels, tanh GELU; then a 1x1 Conv2d and the position embeddings) in place of SigLIP's
-    patch embedding, under HF's encoder, gives the JAX ViT's features and pooled output."""
+@pytest.mark.parametrize("depth", [1, 2])
+def test_conv_stem_vit_matches_torch(depth):
+    """stem='conv': an independent PyTorch stem (per stage: Conv2d 3x3/2 padding 1, LayerNorm
+    over channels, tanh GELU, then depth-1 residual units y + GELU(LN(Conv2d 3x3/1(y))); a 1x1
+    Conv2d and the position embeddings at the end) in place of SigLIP's patch embedding, under
+    HF's encoder, gives the JAX ViT's features and pooled output."""
     import flax.linen as nn
     F = torch.nn.functional
-    cfg = cfg_for_parity(**{"vit.stem": "conv", "vit.feature_layer": 0})   # P=4: two convs
+    cfg = cfg_for_parity(**{"vit.stem": "conv", "vit.stem_depth": depth,
+                            "vit.feature_layer": 0})                    # P=4: two stages
     vc, _, _ = hf_models(cfg_for_parity())
     vc._attn_implementation = "eager"
     hf = randomise(transformers.SiglipVisionModel(vc))
     g = torch.Generator().manual_seed(1)
-    stem, c = [], 3
-    for w in (16, 32):                                       # Dv/2, Dv
-        stem.append((torch.randn(w, c, 3, 3, generator=g) / 3,
-                     1 + 0.1 * torch.randn(w, generator=g), 0.1 * torch.randn(w, generator=g)))
-        c = w
+
+    def unit(cin, w):
+        return (torch.randn(w, cin, 3, 3, generator=g) / 3,
+                1 + 0.1 * torch.randn(w, generator=g), 0.1 * torch.randn(w, generator=g))
+
+    stages = [[unit(3, 16)] + [unit(16, 16) for _ in range(depth - 1)],       # Dv/2, Dv
+              [unit(16, 32)] + [unit(32, 32) for _ in range(depth - 1)]]
     proj_w, proj_b = torch.randn(32, 32, 1, 1, generator=g) / 6, torch.randn(32, generator=g)
     tower = getattr(hf, "vision_model", hf)          # transformers 4.x nests the tower
     pos = tower.embeddings.position_embedding.weight.detach()
 
+    def conv_ln_gelu(x, k, s, b, stride):
+        x = F.conv2d(x, k, stride=stride, padding=1)
+        x = F.layer_norm(x.permute(0, 2, 3, 1), (k.shape[0],), s, b, 1e-6)
+        return F.gelu(x, approximate="tanh").permute(0, 3, 1, 2)
+
     class TorchStem(torch.nn.Module):
         def forward(self, x, interpolate_pos_encoding=False):
-            for k, s, b in stem:
-                x = F.conv2d(x, k, stride=2, padding=1)
-                x = F.layer_norm(x.permute(0, 2, 3, 1), (k.shape[0],), s, b, 1e-6)
-                x = F.gelu(x, approximate="tanh").permute(0, 3, 1, 2)
+            for first, *rest in stages:
+                x = conv_ln_gelu(x, *first, stride=2)
+                for u in rest:
+                    x = x + conv_ln_gelu(x, *u, stride=1)
             x = F.conv2d(x, proj_w, proj_b)                             # [B,D,h,w]
             return x.flatten(2).transpose(1, 2) + pos[None]
 
-    sd = {k.removeprefix("vision_model."): v for k, v in hf.state_dict().items()}
-    tower.embeddings = TorchStem()
     images = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32)
+    p = hf_weights.tower_from_hf({k.removeprefix("vision_model."): v
+                                  for k, v in hf.state_dict().items()}, "vision", cfg_for_parity())
+    tower.embeddings = TorchStem()
     with torch.no_grad():
         out = hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
                  output_hidden_states=True)
-    p = hf_weights.tower_from_hf(sd, "vision", cfg_for_parity())
     emb = {"kernel": proj_w.numpy().transpose(2, 3, 1, 0), "bias": proj_b.numpy(),
            "position_embedding": pos.numpy()}
-    for i, (k, s, b) in enumerate(stem):
-        emb[f"stem_{i}_kernel"] = k.numpy().transpose(2, 3, 1, 0)
-        emb[f"stem_{i}_norm"] = {"scale": s.numpy(), "bias": b.numpy()}
+    for i, units in enumerate(stages):
+        for j, (k, s, b) in enumerate(units):
+            name = f"stem_{i}" if j == 0 else f"stem_{i}_{j}"
+            emb[f"{name}_kernel"] = k.numpy().transpose(2, 3, 1, 0)
+            emb[f"{name}_norm"] = {"scale": s.numpy(), "bias": b.numpy()}
     p["embeddings"] = emb
     feats, pooled = jax.jit(VisionTransformer(cfg).apply)({"params": p}, images)
     assert np.abs(np.asarray(feats) - out.hidden_states[0].numpy()).max() < TOL
     assert np.abs(np.asarray(pooled) - out.last_hidden_state.numpy().mean(1)).max() < TOL
-    # The JAX init builds exactly this tree; a bad stem or patch size is named.
+    # The JAX init builds exactly this tree; a bad stem, depth or patch size is named.
     init = nn.unbox(VisionTransformer(cfg).init(jax.random.key(0), images))
     assert jax.tree.map(np.shape, init["params"]["embeddings"]) == jax.tree.map(np.shape, emb)
     with pytest.raises(ValueError, match="stem='pixel', expected one of"):
         VisionTransformer(cfg_for_parity(**{"vit.stem": "pixel"})).init(
+            jax.random.key(0), images)
+    with pytest.raises(ValueError, match="stem_depth=0: expected >= 1"):
+        VisionTransformer(cfg_for_parity(**{"vit.stem": "conv", "vit.stem_depth": 0})).init(
             jax.random.key(0), images)
     bad = cfg_for_parity(**{"vit.stem": "conv", "vit.patch_size": 6, "vit.image_size": 24})
     with pytest.raises(ValueError, match="patch_size=6: stem='conv' needs a power of 2"):

@@ -76,10 +76,10 @@ def test_profile_step_stage2_tiny(tmp_path, capsys):
     assert any(f.endswith(".xplane.pb") for _, _, fs in os.walk(trace) for f in fs)
 
 
-@pytest.mark.parametrize("stem", ["patch", "conv"])
-def test_stage1_analytic_flops_match_param_count(stem):
+@pytest.mark.parametrize("stem,depth", [("patch", 1), ("conv", 1), ("conv", 3)])
+def test_stage1_analytic_flops_match_param_count(stem, depth):
     cfg = presets.model_config("tiny")
-    cfg.vit.stem = stem
+    cfg.vit.update(stem=stem, stem_depth=depth)
     b, c, pd = 4, 9, 256
     s = cfg.vit.image_size
     shapes = jax.eval_shape(lambda: nn.unbox(Stage1Model(config=cfg, num_classes=c, proj_dim=pd)
@@ -90,7 +90,7 @@ def test_stage1_analytic_flops_match_param_count(stem):
     total = 0
     for path, shape in kernels(shapes).items():
         w = math.prod(shape)
-        if "/stem_" in path:                # conv-stem layer i runs at (S / 2^(i+1))^2 pixels
+        if "/stem_" in path:                # conv-stem stage i runs at (S / 2^(i+1))^2 pixels
             i = int(path.split("/stem_")[1].split("_")[0])
             total += 6 * w * images * (s // 2 ** (i + 1)) ** 2
         elif path.startswith("vision/"):

@@ -78,10 +78,10 @@ def analytic_flops(model_cfg, *, stage: str, batch: int, seq_len: int = 0,
     images = batch * (views if stage == "stage1" else 1)
     fwd = {}
     if v.get("stem", "patch") == "conv":     # log2(P) 3x3/2 convs, then a 1x1 conv to Dv
-        k = p.bit_length() - 1
-        widths = [max(dv >> (k - 1 - i), 8) for i in range(k)]
+        from wamglm_jax.models.vit import stem_widths
+        widths, extra = stem_widths(model_cfg), int(v.get("stem_depth", 1)) - 1
         fwd["vit_patch_embed"] = images * 2 * n * widths[-1] * dv + sum(
-            images * 2 * (s >> (i + 1)) ** 2 * 9 * cin * w
+            images * 2 * (s >> (i + 1)) ** 2 * 9 * w * (cin + extra * w)
             for i, (cin, w) in enumerate(zip([c] + widths[:-1], widths)))
     else:
         fwd["vit_patch_embed"] = images * 2 * n * (p * p * c) * dv

@@ -195,38 +195,56 @@ class _PatchEmbed(nn.Module):
         return y.reshape(b, n, d) + pos.astype(self.dtype)[None]
 
 
+def stem_widths(cfg) -> list[int]:
+    """Channel widths of the conv stem's log2(P) stages: ..., Dv/4, Dv/2, Dv (at least 8)."""
+    p, d = cfg.vit.patch_size, cfg.vit.hidden_size
+    k = p.bit_length() - 1
+    if p < 2 or 1 << k != p:
+        raise ValueError(f"config.model.vit.patch_size={p}: stem='conv' needs a power of 2 "
+                         f">= 2 (one stride-2 conv per halving)")
+    return [max(d >> (k - 1 - i), 8) for i in range(k)]
+
+
 class _ConvStemEmbed(nn.Module):
     """Convolutional stem in place of the patch conv (Xiao et al. 2021, "Early convolutions
-    help transformers see better"): log2(P) 3x3 stride-2 convs (padding 1, as torch), each followed by
-    LayerNorm over channels and GELU, with widths Dv/2^(k-1) .. Dv/2, Dv (k = log2 P), then a
-    1x1 conv to Dv and the learned position embeddings. Same N = (S/P)^2 tokens as the patch
-    conv, so everything after the embeddings is unchanged.
+    help transformers see better"; with stem_depth > 1 a small hybrid in the sense of the ViT
+    paper). Stage i of log2(P): a 3x3 stride-2 conv (padding 1, as torch) to width
+    stem_widths[i], LayerNorm over channels, GELU; then stem_depth - 1 residual units
+    y + GELU(LN(conv3x3(y))) at that resolution. A 1x1 conv to Dv and the learned position
+    embeddings close it: the same N = (S/P)^2 tokens as the patch conv, so everything after
+    the embeddings is unchanged.
 
-    Why: a linear 8x8 patch embedding has no locality prior inside the patch; on a few epochs
-    of wafer maps the small convs learn thin scratches and small blobs much faster. It is not
-    SigLIP, so `export/to_hf` refuses a model built with it (stage-1 / JAX serving only)."""
+    Why: a linear 8x8 patch embedding has no locality prior inside the patch; in a few epochs
+    of wafer maps the small convs learn thin scratches and small blobs much faster (README).
+    It is not SigLIP, so `export/to_hf` refuses a model built with it (stage-1 / JAX only).
+    Params: stem_{i}_kernel float[3,3,Cin,W], stem_{i}_norm; unit j >= 1: stem_{i}_{j}_kernel,
+    stem_{i}_{j}_norm; kernel float[1,1,W,Dv], bias, position_embedding (as the patch conv)."""
     cfg: Any
     dtype: Any
 
     @nn.compact
     def __call__(self, images):                               # images float[B,S,S,C]
         v = self.cfg.vit
-        p, d, n = v.patch_size, v.hidden_size, num_patches(self.cfg)
-        k = p.bit_length() - 1
-        if p < 2 or 1 << k != p:
-            raise ValueError(f"config.model.vit.patch_size={p}: stem='conv' needs a power of 2 "
-                             f">= 2 (one stride-2 conv per halving)")
-        widths = [max(d >> (k - 1 - i), 8) for i in range(k)]     # ..., Dv/2, Dv
+        d, n, depth = v.hidden_size, num_patches(self.cfg), int(v.get("stem_depth", 1))
+        if depth < 1:
+            raise ValueError(f"config.model.vit.stem_depth={depth}: expected >= 1 (3x3 convs "
+                             "per stem stage)")
+        widths = stem_widths(self.cfg)
+
+        def conv_norm_gelu(y, w, stride, name):
+            kernel = self.param(f"{name}_kernel", nn.with_logical_partitioning(
+                nn.initializers.normal((9 * y.shape[-1]) ** -0.5), (None, None, None, None)),
+                (3, 3, y.shape[-1], w), jnp.float32)
+            y = jax.lax.conv_general_dilated(
+                y, kernel.astype(self.dtype), (stride, stride), ((1, 1), (1, 1)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return jax.nn.gelu(LayerNorm(v.layer_norm_eps, self.dtype, name=f"{name}_norm")(y))
+
         y = images.astype(self.dtype)
         for i, w in enumerate(widths):
-            c = y.shape[-1]
-            kernel = self.param(f"stem_{i}_kernel", nn.with_logical_partitioning(
-                nn.initializers.normal((9 * c) ** -0.5), (None, None, None, None)),
-                (3, 3, c, w), jnp.float32)
-            y = jax.lax.conv_general_dilated(
-                y, kernel.astype(self.dtype), (2, 2), ((1, 1), (1, 1)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"))            # float[B,h/2,h/2,w]
-            y = jax.nn.gelu(LayerNorm(v.layer_norm_eps, self.dtype, name=f"stem_{i}_norm")(y))
+            y = conv_norm_gelu(y, w, 2, f"stem_{i}")                    # float[B,h/2,h/2,w]
+            for j in range(1, depth):
+                y = y + conv_norm_gelu(y, w, 1, f"stem_{i}_{j}")
         kernel = self.param("kernel", nn.with_logical_partitioning(
             nn.initializers.normal(widths[-1] ** -0.5), (None, None, "channels", "embed")),
             (1, 1, widths[-1], d), jnp.float32)
