@@ -27,7 +27,8 @@ def _main(workdir, *extra):
 
 
 # The non-default head options ride along (sharded, through the real entry point).
-OPTIONS = ["--config.stage1.pooling=mean_max", "--config.stage1.ce_all_views=True"]
+OPTIONS = ["--config.stage1.pooling=mean_max", "--config.stage1.ce_all_views=True",
+           "--config.model.vit.stem=conv", "--config.model.vit.stem_depth=2"]
 
 
 @pytest.mark.slow
@@ -39,6 +40,8 @@ def test_stage1_main_end_to_end(tmp_path):
     from wamglm_jax.train.checkpoint import saved_tree
     head = saved_tree(stage / "checkpoints" / "6" / "state")["params"]["head"]
     assert tuple(head["classifier"]["kernel"].shape) == (2 * 64, 9)     # [mean, max] of Dv=64
+    stem = saved_tree(stage / "checkpoints" / "6" / "state")["params"]["vision"]["embeddings"]
+    assert tuple(stem["stem_1_1_kernel"].shape) == (3, 3, 64, 64)       # P=4: widths 32, 64
     report = json.loads((stage / "report.json").read_text())
     for key in ("stage", "steps", "final_train_loss", "wall_seconds", "accuracy", "macro_f1",
                 "per_class"):
