@@ -1,5 +1,7 @@
 """Presets: each builds (shape-only, never materialised) and its parameter count matches a
 formula written here from the config fields alone."""
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,15 @@ def formula(cfg):
     v, lm = cfg.vit, cfg.lm
     dv, fv, c, p = v.hidden_size, v.intermediate_size, v.num_channels, v.patch_size
     n = (v.image_size // p) ** 2
-    vit = (p * p * c * dv + dv)                 # patch conv + bias
+    if v.get("stem", "patch") == "conv":       # stages of widths ..., dv/4, dv/2, dv
+        k = int(math.log2(p))
+        widths = [max(dv // 2 ** (k - 1 - i), 8) for i in range(k)]
+        ins = [c] + widths[:-1]
+        vit = sum(9 * a * w + 2 * w for a, w in zip(ins, widths))    # 3x3/2 conv + LayerNorm
+        vit += (v.stem_depth - 1) * sum(9 * w * w + 2 * w for w in widths)  # residual units
+        vit += widths[-1] * dv + dv             # 1x1 conv + bias
+    else:
+        vit = (p * p * c * dv + dv)             # patch conv + bias
     vit += n * dv                               # position embeddings
     vit += v.num_layers * (
         2 * 2 * dv                              # layer_norm1/2 weight+bias
@@ -54,6 +64,14 @@ def test_param_count_matches_formula(name):
     for tower in ("vision", "projector", "lm"):
         assert count(shapes[tower]) == want[tower], (name, tower)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes))   # fp32 params
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_conv_stem_param_count(depth):
+    cfg = presets.model_config("small")                 # P=8: three stem stages
+    cfg.vit.update(stem="conv", stem_depth=depth)
+    shapes = abstract_params(cfg)
+    assert count(shapes["vision"]) == formula(cfg)["vision"]
 
 
 @pytest.mark.parametrize("scan", [False, True])
