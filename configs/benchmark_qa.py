@@ -3,8 +3,9 @@
     python -m wamglm_jax.main --config=configs/benchmark_qa.py --workdir=DIR
     python -m wamglm_jax.main --config=configs/benchmark_qa.py:cpu --workdir=DIR
 
-`:cpu` is the reduced 2-core run of the README: stage 1 exactly as configs/stage1.py (40k maps,
-the tiny ViT at 64x64 / patch 8, 3,600 steps), then a 4-layer, 128-wide LM (1.1M parameters),
+`:cpu` is the reduced 2-core run of the README: stage 1 as configs/stage1.py was before its
+conv stem (40k maps, the tiny ViT at 64x64 / patch 8, SigLIP patch conv so that the model
+exports, 3,600 steps), then a 4-layer, 128-wide LM (1.1M parameters),
 one dialogue per map, 2,500 steps of 32 dialogues (about 53 min at 0.79 steps/s on 2 cores).
 
 Targets on held-out synthetic maps (`test` split, half of its dialogues with held-out
