@@ -183,16 +183,22 @@ class _PatchEmbed(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(
             nn.initializers.normal(fan_in ** -0.5), (None, None, "channels", "embed")),
             (p, p, v.num_channels, d), jnp.float32)
-        bias = self.param("bias", nn.with_logical_partitioning(
-            nn.initializers.zeros, ("embed",)), (d,), jnp.float32)
-        pos = self.param("position_embedding", nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), ("patch", "embed")), (n, d), jnp.float32)
         y = jax.lax.conv_general_dilated(
             images.astype(self.dtype), kernel.astype(self.dtype), (p, p), "VALID",
             dimension_numbers=("NHWC", "HWIO", "NHWC"))                # float[B,S/P,S/P,Dv]
-        y = y + bias.astype(self.dtype)
-        b = y.shape[0]
-        return y.reshape(b, n, d) + pos.astype(self.dtype)[None]
+        return _add_bias_and_positions(self, y, n, self.dtype)
+
+
+def _add_bias_and_positions(module, y, n, dtype):
+    """y float[B,S/P,S/P,Dv] -> tokens float[B,N,Dv]: + `bias`, + `position_embedding`. The
+    two params are created here, after the embedding kernel (both embeddings share them)."""
+    d = y.shape[-1]
+    bias = module.param("bias", nn.with_logical_partitioning(
+        nn.initializers.zeros, ("embed",)), (d,), jnp.float32)
+    pos = module.param("position_embedding", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), ("patch", "embed")), (n, d), jnp.float32)
+    y = y + bias.astype(dtype)
+    return y.reshape(y.shape[0], n, d) + pos.astype(dtype)[None]
 
 
 def stem_widths(cfg) -> list[int]:
@@ -248,10 +254,5 @@ class _ConvStemEmbed(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(
             nn.initializers.normal(widths[-1] ** -0.5), (None, None, "channels", "embed")),
             (1, 1, widths[-1], d), jnp.float32)
-        bias = self.param("bias", nn.with_logical_partitioning(
-            nn.initializers.zeros, ("embed",)), (d,), jnp.float32)
-        pos = self.param("position_embedding", nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), ("patch", "embed")), (n, d), jnp.float32)
-        y = jnp.einsum("bhwc,cd->bhwd", y, kernel[0, 0].astype(self.dtype))
-        y = y + bias.astype(self.dtype)                                # float[B,S/P,S/P,Dv]
-        return y.reshape(y.shape[0], n, d) + pos.astype(self.dtype)[None]
+        y = jnp.einsum("bhwc,cd->bhwd", y, kernel[0, 0].astype(self.dtype))  # [B,S/P,S/P,Dv]
+        return _add_bias_and_positions(self, y, n, self.dtype)
