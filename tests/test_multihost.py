@@ -25,7 +25,7 @@ WORKER = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 2)
     from jax.sharding import PartitionSpec as P
     from wamglm_jax.parallel import mesh as mesh_lib, multihost, sharding
-    addr, pid = sys.argv[1], int(sys.argv[2])
+    addr, pid, result_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     assert multihost.maybe_initialize(addr, 2, pid)
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
     m = mesh_lib.make_mesh(dict(data=-1, fsdp=2, tensor=1))
@@ -38,11 +38,12 @@ WORKER = textwrap.dedent("""
                                  in_specs=P(("data", "fsdp")), out_specs=P()))(g["x"])
     ysum = jax.jit(lambda y: y.sum(), out_shardings=rep)(g["y"])
     multihost.sync("test_done")
-    print("RESULT " + json.dumps(dict(
-        pid=pid, main=multihost.is_main_process(), shape=list(g["x"].shape),
-        local_rows=sorted(int(s.index[0].start or 0) for s in g["x"].addressable_shards),
-        col_sum=np.asarray(col_sum).tolist(), mean=float(mean),
-        psum=np.asarray(psum).tolist(), ysum=int(ysum))))
+    with open(result_path, "w") as f:   # a file, not stdout: C++ logging can interleave there
+        json.dump(dict(
+            pid=pid, main=multihost.is_main_process(), shape=list(g["x"].shape),
+            local_rows=sorted(int(s.index[0].start or 0) for s in g["x"].addressable_shards),
+            col_sum=np.asarray(col_sum).tolist(), mean=float(mean),
+            psum=np.asarray(psum).tolist(), ysum=int(ysum)), f)
 """)
 
 
@@ -70,11 +71,12 @@ def _run_all(cmds, env):
 
 
 @pytest.mark.slow
-def test_two_process_global_batch():
+def test_two_process_global_batch(tmp_path):
     addr = f"127.0.0.1:{portpicker.pick_unused_port()}"
-    outs = _run_all([[sys.executable, "-c", WORKER, addr, str(i)] for i in range(2)], _env())
-    results = [json.loads(next(l for l in o.splitlines() if l.startswith("RESULT "))[7:])
-               for o in outs]
+    paths = [tmp_path / f"result.{i}.json" for i in range(2)]
+    _run_all([[sys.executable, "-c", WORKER, addr, str(i), str(paths[i])] for i in range(2)],
+             _env())
+    results = [json.loads(p.read_text()) for p in paths]
     full = np.arange(8 * 3, dtype=np.float32).reshape(8, 3) ** 1.5
     for pid, r in enumerate(results):
         assert r["pid"] == pid and r["main"] == (pid == 0)
