@@ -11,9 +11,10 @@ The 64x64 map reaches the tokens through a convolutional stem (three 3x3 stride-
 `config.model.vit.stem='conv'`; stage 1 only, it does not export to HF SigLIP), 2,500 steps.
 Measured on 2 CPU cores (README, "Results"): 9 classes, test 98.95% / macro-F1 0.989 in 9.5
 min wall, 98.7% in 9.2 min with --config.seed=1 (the SigLIP patch conv at 3,600 steps:
-97.3%, 96.95%, 97.3% over three seeds in 9.1-9.2 min). 38 classes: test 94.0% in 9.4 min: not met (patch conv: 80.3%, 78.6% once mixed
-patterns no longer share one angle, 81.7% once a pattern the others cover is drawn again,
-82.7% with the CE on all three views, `ce_all_views`, which `:mixed` sets).
+97.3%, 96.95%, 97.3% over three seeds in 9.1-9.2 min). 38 classes: test 94.0% in 9.4 min:
+not met (patch conv: 80.3%, 78.6% once mixed patterns no longer share one angle, 81.7% once
+a pattern the others cover is drawn again, 82.7% with the CE on all three views,
+`ce_all_views`, which `:mixed` sets).
 """
 from configs import common
 from wamglm_jax.data.splits import default_data_config
