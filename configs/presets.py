@@ -12,7 +12,8 @@ def _defaults() -> ml_collections.ConfigDict:
                  intermediate_size=128, num_layers=2, num_heads=4, layer_norm_eps=1e-6,
                  feature_layer=-1,      # output of this block (HF hidden_states index), pre-norm
                  stem="patch",          # patch (SigLIP patch conv) | conv (conv stem, no export)
-                 stem_depth=1),         # stem='conv': 3x3 convs per stem stage (1 + residuals)
+                 stem_depth=1,          # stem='conv': 3x3 convs per stem stage (1 + residuals)
+                 drop_path_rate=0.0),   # stochastic depth at the last block (stage-1 training)
         projector=dict(hidden_act="gelu"),  # LLaVA mlp2x_gelu, exact erf GELU
         lm=dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_layers=2,
                 num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,

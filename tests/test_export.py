@@ -225,6 +225,14 @@ def test_convert_cli_refuses_nonempty_output_and_bad_workdir(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model_config.json: model.vit.stem='conv', expected 'patch'" in err
     assert not (tmp_path / "new").exists()
+    model.vit.stem = "pixel"                                   # not a stem at all
+    (tmp_path / "w" / "stage2" / "model_config.json").write_text(
+        json.dumps({"model": model.to_dict()}))
+    assert convert_to_hf.main(["--workdir", str(tmp_path / "w"),
+                               "--output", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert "model_config.json: config.model.vit.stem='pixel', expected one of" in err
+    assert not (tmp_path / "new").exists()
 
 
 # ----------------------------------------------------------------------------- import

@@ -153,6 +153,57 @@ def test_conv_stem_vit_matches_torch(depth):
         hf_weights.hf_config_kwargs(cfg)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_stochastic_depth_matches_torch_branch_choices(scan):
+    """drop_path_rate: with deterministic=True the ViT is HF's exactly; in training each
+    example's output is HF's with every residual branch of the last block either dropped or
+    scaled by 1/keep (candidates built in PyTorch from HF's submodules), the first block is
+    never touched, and the dropped fraction matches the rate."""
+    rate, b = 0.6, 96
+    cfg = cfg_for_parity(**{"vit.num_layers": 2, "vit.feature_layer": -1, "scan_layers": scan,
+                            "vit.drop_path_rate": rate})
+    vc, _, _ = hf_models(cfg)
+    vc._attn_implementation = "eager"
+    hf = randomise(transformers.SiglipVisionModel(vc))
+    sd = {k.removeprefix("vision_model."): v for k, v in hf.state_dict().items()}
+    images = np.random.default_rng(1).random((b, 16, 16, 3)).astype(np.float32)
+    vm = getattr(hf, "vision_model", hf)    # transformers 5 flattened the wrapper
+
+    def block(i, x):                       # HF encoder layer (a tuple in older transformers)
+        y = vm.encoder.layers[i](x, None)
+        return y[0] if isinstance(y, tuple) else y
+
+    with torch.no_grad():
+        x = block(0, vm.embeddings(torch.from_numpy(images.transpose(0, 3, 1, 2))))  # kept
+        last = vm.encoder.layers[1]
+        cands = {}
+        for a in (0.0, 1 / (1 - rate)):
+            h1 = x + a * last.self_attn(last.layer_norm1(x), None)[0]
+            for m in (0.0, 1 / (1 - rate)):
+                h2 = h1 + m * last.mlp(last.layer_norm2(h1))
+                cands[(a == 0, m == 0)] = vm.post_layernorm(h2).mean(1).numpy()   # [B,Dv]
+        full = vm.post_layernorm(block(1, x)).mean(1).numpy()
+    p = hf_weights.tower_from_hf(sd, "vision", cfg)
+    model = VisionTransformer(cfg)
+    _, pooled = jax.jit(model.apply)({"params": p}, images)              # deterministic
+    assert np.abs(np.asarray(pooled) - full).max() < TOL
+    _, pooled = jax.jit(lambda v, k: model.apply(v, images, deterministic=False,
+                                                 rngs={"dropout": k}))({"params": p},
+                                                                       jax.random.key(3))
+    pooled = np.asarray(pooled)
+    dropped = []
+    for i in range(b):
+        hit = [k for k, c in cands.items() if np.abs(pooled[i] - c[i]).max() < TOL]
+        assert len(hit) == 1, (i, hit)
+        dropped.append(hit[0])
+    dropped = np.asarray(dropped)                                      # bool[B,2] (attn, mlp)
+    assert abs(dropped.mean() - rate) < 0.12, dropped.mean()
+    assert (dropped[:, 0] != dropped[:, 1]).any()                      # independent branches
+    with pytest.raises(ValueError, match="drop_path_rate=1.0: expected 0 <= rate < 1"):
+        VisionTransformer(cfg_for_parity(**{"vit.drop_path_rate": 1.0})).init(
+            jax.random.key(0), images, deterministic=False)
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_llama_parity(tie):
     cfg = cfg_for_parity(**{"lm.tie_embeddings": tie})

@@ -223,6 +223,38 @@ def test_stage1_loss_ce_on_all_views():
         stage1_loss(views[0], None, None, labels, pscl_weight=0.0, ce_all_views=True)
 
 
+def test_label_smoothing_matches_torch_and_a_weighted_loop():
+    """label_smoothing=eps: unweighted, PyTorch's CrossEntropyLoss(label_smoothing=eps); with
+    class weights and padding, a per-example loop: sum_i w_{y_i} CE(p_i, (1-eps) e_{y_i} +
+    eps/C) / sum_i w_{y_i}. The contrastive term and the accuracy do not change."""
+    eps = 0.1
+    views, labels, valid, cw = _loss_case(10, 7, 4, 5, padded=2)
+    k = int(valid.sum())
+    loss, aux = jax.jit(lambda *a: stage1_loss(*a, pscl_weight=0.35, temperature=0.08,
+                                               label_smoothing=eps))(*views, labels)
+    want = torch.nn.functional.cross_entropy(
+        torch.tensor(np.asarray(views[0]["logits"]), dtype=torch.float64),
+        torch.tensor(labels, dtype=torch.long), label_smoothing=eps).item()
+    np.testing.assert_allclose(float(aux["ce"]), want, rtol=1e-5)
+    loss, aux = jax.jit(lambda *a: stage1_loss(*a, pscl_weight=0.35, temperature=0.08,
+                                               class_weights=cw, ce_all_views=True,
+                                               label_smoothing=eps))(*views, labels, valid)
+    ces = []
+    for v in views:
+        logits = np.asarray(v["logits"], np.float64)
+        num = den = 0.0
+        for i in range(k):
+            logp = logits[i] - np.log(np.exp(logits[i] - logits[i].max()).sum()) - logits[i].max()
+            target = np.full(logits.shape[1], eps / logits.shape[1])
+            target[labels[i]] += 1 - eps
+            num += cw[labels[i]] * -(target * logp).sum()
+            den += cw[labels[i]]
+        ces.append(num / den)
+    _check_scl_and_accuracy(views, labels, valid, aux, loss, np.mean(ces))
+    with pytest.raises(ValueError, match="label_smoothing=1.0: expected 0 <= eps < 1"):
+        stage1_loss(views[0], None, None, labels, pscl_weight=0.0, label_smoothing=1.0)
+
+
 def test_pscl_weight_zero_is_plain_cross_entropy():
     rng = np.random.default_rng(9)
     b, c, d = 8, 4, 6

@@ -28,7 +28,8 @@ def _main(workdir, *extra):
 
 # The non-default head options ride along (sharded, through the real entry point).
 OPTIONS = ["--config.stage1.pooling=mean_max", "--config.stage1.ce_all_views=True",
-           "--config.model.vit.stem=conv", "--config.model.vit.stem_depth=2"]
+           "--config.model.vit.stem=conv", "--config.model.vit.stem_depth=2",
+           "--config.model.vit.drop_path_rate=0.1", "--config.stage1.label_smoothing=0.1"]
 
 
 @pytest.mark.slow

@@ -70,6 +70,7 @@ def vit_blocks_computed(model_cfg, stage: str) -> int:
 def analytic_flops(model_cfg, *, stage: str, batch: int, seq_len: int = 0,
                    num_classes: int = 0, proj_dim: int = 256, views: int = 3) -> dict:
     """Training FLOPs per step (see the module docstring), term by term."""
+    from wamglm_jax.models.vit import stem_depth, stem_kind, stem_widths
     v, lm = model_cfg.vit, model_cfg.lm
     s, p, c, dv, iv = v.image_size, v.patch_size, v.num_channels, v.hidden_size, \
         v.intermediate_size
@@ -77,9 +78,8 @@ def analytic_flops(model_cfg, *, stage: str, batch: int, seq_len: int = 0,
     blocks = vit_blocks_computed(model_cfg, stage)
     images = batch * (views if stage == "stage1" else 1)
     fwd = {}
-    if v.get("stem", "patch") == "conv":     # log2(P) 3x3/2 convs, then a 1x1 conv to Dv
-        from wamglm_jax.models.vit import stem_widths
-        widths, extra = stem_widths(model_cfg), int(v.get("stem_depth", 1)) - 1
+    if stem_kind(model_cfg) == "conv":     # log2(P) 3x3/2 convs, then a 1x1 conv to Dv
+        widths, extra = stem_widths(model_cfg), stem_depth(model_cfg) - 1
         fwd["vit_patch_embed"] = images * 2 * n * widths[-1] * dv + sum(
             images * 2 * (s >> (i + 1)) ** 2 * 9 * w * (cin + extra * w)
             for i, (cin, w) in enumerate(zip([c] + widths[:-1], widths)))

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wamglm_jax.models.layers import stack_layers, unstack_layers
+from wamglm_jax.models.vit import stem_kind
 
 TOWERS = ("vision", "projector", "lm")
 _PREFIX = {
@@ -247,7 +248,7 @@ def hf_config_kwargs(cfg) -> dict:
     """Keyword arguments for transformers SiglipVisionConfig / LlamaConfig / LlavaConfig that
     describe the same architecture as config.model `cfg`."""
     v, lm = cfg.vit, cfg.lm
-    if v.get("stem", "patch") != "patch":
+    if stem_kind(cfg) != "patch":
         raise ValueError(f"config.model.vit.stem={v.stem!r}: Hugging Face SigLIP (and so Llava "
                          "in transformers and vLLM) has only the patch conv; a model trained "
                          "with stem='conv' cannot be exported (serve it with the JAX tools)")

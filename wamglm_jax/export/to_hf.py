@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from wamglm_jax.export import hf_weights
+from wamglm_jax.models.vit import stem_kind
 
 PROMPT = "<image>\nWhat defect pattern does this wafer map show?"
 INPUT_CONVENTION = (
@@ -240,7 +241,10 @@ def load_stage2(workdir: str, step: int | None = None):
                           "(wamglm_jax.train.stage2 writes stage2/model_config.json)")
     mc = json.load(open(mc_path))
     cfg = ml_collections.ConfigDict(mc["model"])
-    stem = cfg.vit.get("stem", "patch")
+    try:
+        stem = stem_kind(cfg)
+    except ValueError as e:
+        raise ExportError(f"{mc_path}: {e}") from None
     if stem != "patch":
         raise ExportError(f"{mc_path}: model.vit.stem={stem!r}, expected 'patch': Hugging Face "
                           "SigLIP (Llava in transformers and vLLM) has only the patch conv, so "

@@ -113,7 +113,8 @@ def stage1_loss(outputs_v1: Mapping[str, jax.Array],
                 outputs_v3: Optional[Mapping[str, jax.Array]],
                 labels: jax.Array, valid: Optional[jax.Array] = None, *,
                 pscl_weight: float = 0.35, temperature: float = 0.08,
-                class_weights: Optional[jax.Array] = None, ce_all_views: bool = False):
+                class_weights: Optional[jax.Array] = None, ce_all_views: bool = False,
+                label_smoothing: float = 0.0):
     """Stage-1 objective: CE on view 1 + pscl_weight * BalSCL on views 2 and 3.
 
     ce_all_views=True averages the CE over the three views instead of taking view 1's (not
@@ -128,6 +129,9 @@ def stage1_loss(outputs_v1: Mapping[str, jax.Array],
       labels: int[B]; valid: bool[B] or None (padding rows count nowhere).
       class_weights: optional float[C] CE weights; the weighted CE is normalised like
         PyTorch's `CrossEntropyLoss(weight=...)`: sum_i w_{y_i} ce_i / sum_i w_{y_i}.
+      label_smoothing: eps in [0, 1): the CE target is (1 - eps) one_hot(y) + eps / C (as
+        PyTorch's `label_smoothing`; with class weights, ce_i is weighted by w_{y_i} as a
+        whole, where PyTorch weights the smoothing term's classes by w_c instead).
 
     Returns:
       (loss float32 scalar, aux dict with float32 scalars `ce`, `scl`, `accuracy`)
@@ -149,9 +153,12 @@ def stage1_loss(outputs_v1: Mapping[str, jax.Array],
                f"class_weights must be float[{num_classes}]; got {class_weights.shape}")
         w = w * class_weights[safe_labels]
 
+    eps = float(label_smoothing)
+    _check(0.0 <= eps < 1.0, f"label_smoothing={eps}: expected 0 <= eps < 1")
+    targets = optax.smooth_labels(jax.nn.one_hot(safe_labels, num_classes), eps)   # [B,C]
+
     def weighted_ce(view_logits):                                      # float[B,C] -> scalar
-        ce_i = optax.softmax_cross_entropy_with_integer_labels(
-            view_logits.astype(jnp.float32), safe_labels)              # float[B]
+        ce_i = optax.softmax_cross_entropy(view_logits.astype(jnp.float32), targets)  # [B]
         return jnp.sum(ce_i * w) / jnp.maximum(jnp.sum(w), 1e-12)
 
     ce = weighted_ce(logits)

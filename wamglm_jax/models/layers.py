@@ -125,7 +125,8 @@ def scan_stack(block_cls, num_layers: int, in_axes: tuple):
 
     block_cls.__call__(carry, xs, *rest) -> (carry, ys); `in_axes` describes (xs, *rest).
     """
-    return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+    return nn.scan(block_cls, variable_axes={"params": 0},
+                   split_rngs={"params": True, "dropout": True},
                    in_axes=in_axes, length=num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})
 

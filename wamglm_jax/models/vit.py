@@ -88,12 +88,35 @@ class SiglipMLP(nn.Module):
                        name="fc2")(h)
 
 
+def drop_path_rate(cfg) -> float:
+    """config.model.vit.drop_path_rate (stochastic depth at the last block; 0 = off)."""
+    r = float(cfg.vit.get("drop_path_rate", 0.0))
+    if not 0.0 <= r < 1.0:
+        raise ValueError(f"config.model.vit.drop_path_rate={r}: expected 0 <= rate < 1")
+    return r
+
+
 class EncoderLayer(nn.Module):
     """One pre-LN block. Scan-compatible: (carry=(x, feat), layer_idx) -> ((x, feat), None);
-    feat is replaced by this block's output when layer_idx == feature block."""
+    feat is replaced by this block's output when layer_idx == feature block.
+
+    Stochastic depth (Huang et al. 2016; as DeiT/timm): in training (`deterministic=False`)
+    each residual branch of block i is dropped per example with probability
+    rate * i / (n - 1) (0 for the first block, `drop_path_rate` for the last) and kept ones
+    are scaled by 1 / keep, so evaluation uses the full network. Needs a 'dropout' rng."""
     cfg: Any
     dtype: Any
     feat_block: int
+    deterministic: bool = True
+
+    def _drop_path(self, h, layer_idx):                      # h float[B,N,Dv]
+        rate = drop_path_rate(self.cfg)
+        if self.deterministic or rate == 0.0:
+            return h
+        n = self.cfg.vit.num_layers
+        keep = 1.0 - rate * jnp.asarray(layer_idx, jnp.float32) / max(n - 1, 1)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (h.shape[0], 1, 1))
+        return h * (mask / keep).astype(h.dtype)
 
     @nn.compact
     def __call__(self, carry, layer_idx):
@@ -101,10 +124,10 @@ class EncoderLayer(nn.Module):
         eps = self.cfg.vit.layer_norm_eps
         h = SiglipAttention(self.cfg, self.dtype, name="self_attn")(
             LayerNorm(eps, self.dtype, name="layer_norm1")(x))
-        x = constrain(x + h, ACT)
+        x = constrain(x + self._drop_path(h, layer_idx), ACT)
         h = SiglipMLP(self.cfg, self.dtype, name="mlp")(
             LayerNorm(eps, self.dtype, name="layer_norm2")(x))
-        x = constrain(x + h, ACT)
+        x = constrain(x + self._drop_path(h, layer_idx), ACT)
         if feat is not None:
             feat = jnp.where(layer_idx == self.feat_block, x, feat)
         return (x, feat), None
@@ -113,6 +136,7 @@ class EncoderLayer(nn.Module):
 class Encoder(nn.Module):
     cfg: Any
     dtype: Any
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x):                 # x: embeddings float[B,N,Dv] -> (last, features)
@@ -120,12 +144,14 @@ class Encoder(nn.Module):
         n, fb = cfg.vit.num_layers, feature_block(cfg)
         block = maybe_remat(EncoderLayer, cfg.remat, cfg.scan_layers)
         if cfg.scan_layers:
-            stack = scan_stack(block, n, in_axes=(0,))(cfg, self.dtype, fb, name="layers")
+            stack = scan_stack(block, n, in_axes=(0,))(cfg, self.dtype, fb, self.deterministic,
+                                                       name="layers")
             (x, feat), _ = stack((x, x), jnp.arange(n))     # feat starts as the embeddings
             return x, feat
         feat = x
         for i in range(n):
-            (x, _), _ = block(cfg, self.dtype, fb, name=f"layers_{i}")((x, None), i)
+            (x, _), _ = block(cfg, self.dtype, fb, self.deterministic, name=f"layers_{i}")(
+                (x, None), i)
             if i == fb:
                 feat = x
         return x, feat
@@ -135,6 +161,23 @@ POOLINGS = ("mean", "mean_max")
 STEMS = ("patch", "conv")   # config.model.vit.stem; only 'patch' is SigLIP (exportable)
 
 
+def stem_kind(cfg) -> str:
+    """config.model.vit.stem ('patch' when absent: configs written before the conv stem)."""
+    stem = cfg.vit.get("stem", "patch")
+    if stem not in STEMS:
+        raise ValueError(f"config.model.vit.stem={stem!r}, expected one of {STEMS}")
+    return stem
+
+
+def stem_depth(cfg) -> int:
+    """config.model.vit.stem_depth: 3x3 convs per conv-stem stage (1 when absent)."""
+    depth = int(cfg.vit.get("stem_depth", 1))
+    if depth < 1:
+        raise ValueError(f"config.model.vit.stem_depth={depth}: expected >= 1 (3x3 convs "
+                         "per stem stage)")
+    return depth
+
+
 class VisionTransformer(nn.Module):
     config: Any          # config.model
     pooling: str = "mean"   # POOLINGS: how `pooled` summarises the tokens (stage 1 only)
@@ -142,22 +185,18 @@ class VisionTransformer(nn.Module):
     @nn.compact
     def __call__(self, images, deterministic: bool = True):
         """images float[B,S,S,C] -> (features float[B,N,Dv], pooled float[B,Dv]).
-        `deterministic` is accepted for API symmetry (there is no dropout)."""
-        del deterministic
+        `deterministic=False` turns on stochastic depth when config.model.vit.drop_path_rate
+        > 0 (then `apply` needs rngs={'dropout': key}); otherwise it changes nothing."""
         cfg, v = self.config, self.config.vit
         dtype = compute_dtype(cfg)
         want = (v.image_size, v.image_size, v.num_channels)
         if images.ndim != 4 or tuple(images.shape[1:]) != want:
             raise ValueError(f"VisionTransformer: images shape {images.shape}, expected "
                              f"[B,{want[0]},{want[1]},{want[2]}] (config.model.vit)")
-        stem = v.get("stem", "patch")
-        if stem not in STEMS:
-            raise ValueError(f"VisionTransformer: config.model.vit.stem={stem!r}, expected one "
-                             f"of {STEMS}")
-        embed = _PatchEmbed if stem == "patch" else _ConvStemEmbed
+        embed = _PatchEmbed if stem_kind(cfg) == "patch" else _ConvStemEmbed
         x = embed(cfg, dtype, name="embeddings")(images)               # float[B,N,Dv]
         x = constrain(x, ACT)
-        last, feats = Encoder(cfg, dtype, name="encoder")(x)
+        last, feats = Encoder(cfg, dtype, deterministic, name="encoder")(x)
         post = LayerNorm(v.layer_norm_eps, dtype, name="post_layernorm")(last)
         post = post.astype(jnp.float32)                                # float[B,N,Dv]
         if self.pooling == "mean":
@@ -231,10 +270,7 @@ class _ConvStemEmbed(nn.Module):
     @nn.compact
     def __call__(self, images):                               # images float[B,S,S,C]
         v = self.cfg.vit
-        d, n, depth = v.hidden_size, num_patches(self.cfg), int(v.get("stem_depth", 1))
-        if depth < 1:
-            raise ValueError(f"config.model.vit.stem_depth={depth}: expected >= 1 (3x3 convs "
-                             "per stem stage)")
+        d, n, depth = v.hidden_size, num_patches(self.cfg), stem_depth(self.cfg)
         widths = stem_widths(self.cfg)
 
         def conv_norm_gelu(y, w, stride, name):

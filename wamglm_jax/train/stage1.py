@@ -49,6 +49,7 @@ def default_stage1_config(**overrides) -> ml_collections.ConfigDict:
         pscl_weight=0.35,           # 0 = ablation (CE only)
         temperature=0.08,
         ce_all_views=False,         # CE averaged over the 3 views (reference: view 1 only)
+        label_smoothing=0.0,        # CE target (1 - eps) one_hot + eps / C (reference: 0)
         proj_dim=256,
         pooling="mean",             # pooled ViT feature for the head: mean | mean_max
         class_weighting="none",     # CE class weights from train counts: none | sqrt | full
@@ -115,12 +116,15 @@ def make_train_step(model, s1, cw):
 
     def train_step(state: TrainState, batch):
         def loss_fn(params):
+            # 'dropout': stochastic depth (config.model.vit.drop_path_rate), per step.
             outs, new_bs = apply_views(model, {"params": params, "batch_stats": state.batch_stats},
-                                       batch["views"], train=True)
+                                       batch["views"], train=True,
+                                       rngs={"dropout": state.step_rng()})
             loss, aux = stage1_loss(outs[0], outs[1], outs[2], batch["label"],
                                     pscl_weight=s1.pscl_weight, temperature=s1.temperature,
                                     class_weights=weights,
-                                    ce_all_views=bool(s1.ce_all_views))
+                                    ce_all_views=bool(s1.ce_all_views),
+                                    label_smoothing=float(s1.label_smoothing))
             return loss, (aux, new_bs)
         (loss, (aux, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         state = state.apply_gradients(grads, batch_stats=new_bs)
