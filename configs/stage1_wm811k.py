@@ -13,9 +13,10 @@ width 128 at 64x64, 64 tokens, whose patch embedding is a convolutional stem, th
 stride-2 convs with one residual 3x3 unit each: `config.model.vit.stem='conv'`,
 `stem_depth=2`; CE on all three views; 2500 steps of 64 maps x 3 views, about 4.3 epochs).
 Any preset name works as the arg.
-Measured with `:cpu` (README): val 0.972 / macro-F1 0.929 in 46 min, against the CNN anchor
-of issue 5 (0.972 / 0.934): level on accuracy, half a point short on macro-F1, so not
-beaten. One conv per stem stage (`stem_depth=1`, 2000 steps, CE on view 1 only) gave
+Measured with `:cpu` (README): val 0.972 / macro-F1 0.929 in 46 min with 8-view TTA
+(0.968 / 0.919 one view), against the CNN anchor of issue 5 (0.972 / 0.934 one view, 0.975 /
+0.941 with TTA): not beaten; 3,500 steps gave the same one-view figures (0.973 / 0.934
+TTA). One conv per stem stage (`stem_depth=1`, 2000 steps, CE on view 1 only) gave
 0.960 / 0.889 in 31 min, the SigLIP patch conv 0.942 / 0.847 in 23 min. A conv-stem tower
 has no Hugging Face SigLIP equivalent, so `configs/stage2_wm811k.py` (which exports) keeps
 the patch conv.
