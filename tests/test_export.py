@@ -213,26 +213,20 @@ def test_convert_cli_refuses_nonempty_output_and_bad_workdir(tmp_path, capsys):
     assert convert_to_hf.main(["--workdir", str(tmp_path / "nowhere"),
                                "--output", str(tmp_path / "new")]) == 2
     assert "stage2/model_config.json" in capsys.readouterr().err
-    # A conv-stem ViT has no SigLIP equivalent: refused before anything is written.
+    # A conv-stem ViT has no SigLIP equivalent, and 'pixel' is no stem at all: both are
+    # refused before anything is written, naming the file and the field.
     from configs import presets
     model = presets.model_config("tiny")
-    model.vit.stem = "conv"
     (tmp_path / "w" / "stage2").mkdir(parents=True)
-    (tmp_path / "w" / "stage2" / "model_config.json").write_text(
-        json.dumps({"model": model.to_dict()}))
-    assert convert_to_hf.main(["--workdir", str(tmp_path / "w"),
-                               "--output", str(tmp_path / "new")]) == 2
-    err = capsys.readouterr().err
-    assert "model_config.json: model.vit.stem='conv', expected 'patch'" in err
-    assert not (tmp_path / "new").exists()
-    model.vit.stem = "pixel"                                   # not a stem at all
-    (tmp_path / "w" / "stage2" / "model_config.json").write_text(
-        json.dumps({"model": model.to_dict()}))
-    assert convert_to_hf.main(["--workdir", str(tmp_path / "w"),
-                               "--output", str(tmp_path / "new")]) == 2
-    err = capsys.readouterr().err
-    assert "model_config.json: config.model.vit.stem='pixel', expected one of" in err
-    assert not (tmp_path / "new").exists()
+    for stem, message in (("conv", "model.vit.stem='conv', expected 'patch'"),
+                          ("pixel", "config.model.vit.stem='pixel', expected one of")):
+        model.vit.stem = stem
+        (tmp_path / "w" / "stage2" / "model_config.json").write_text(
+            json.dumps({"model": model.to_dict()}))
+        assert convert_to_hf.main(["--workdir", str(tmp_path / "w"),
+                                   "--output", str(tmp_path / "new")]) == 2
+        assert f"model_config.json: {message}" in capsys.readouterr().err
+        assert not (tmp_path / "new").exists()
 
 
 # ----------------------------------------------------------------------------- import
