@@ -261,6 +261,28 @@ def test_scan_vit_features_and_gradients(cfg, params):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g, sg)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_stochastic_depth_is_unchanged_by_remat(cfg, params, scan):
+    """Training-mode stochastic depth draws the same masks, outputs and gradients whether the
+    blocks are rematerialised or not (remat recomputes, it must not redraw)."""
+    images, _, _ = make_batch(cfg, b=4)
+    vit_p = stack_layers(params["vision"]) if scan else params["vision"]
+
+    def loss(p, c):
+        f, pl = VisionTransformer(c).apply({"params": p}, images, deterministic=False,
+                                           rngs={"dropout": jax.random.key(7)})
+        return (f ** 2).mean() + (pl ** 2).mean()
+    out = {}
+    for remat in ("none", "full", "dots"):
+        c = small_cfg(scan_layers=scan, remat=remat, **{"vit.drop_path_rate": 0.5})
+        out[remat] = jax.jit(jax.value_and_grad(lambda p, c=c: loss(p, c)))(vit_p)
+    for remat in ("full", "dots"):
+        for a, b in zip(jax.tree.leaves(out[remat]), jax.tree.leaves(out["none"])):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    det = jax.jit(lambda p: loss(p, small_cfg(scan_layers=scan)))(vit_p)
+    assert abs(float(out["none"][0]) - float(det)) > 1e-4    # the masks really dropped
+
+
 def test_bf16_compute_is_close(cfg, params):
     images, tokens, mask = make_batch(cfg, b=2)
     ref = np.asarray(jit_apply(WamGLM(cfg))({"params": params}, images, tokens, mask))
