@@ -110,3 +110,32 @@ def test_bad_arguments(ds):
         image_loader(ds, image_size=8, batch_size=4, num_views=2)
     with pytest.raises(ValueError, match="empty"):
         image_loader(WaferDataset([], np.zeros(0)), image_size=8, batch_size=4)
+
+
+def _blas_threads_in_fresh_process(transform, rec):
+    """Runs in a spawned interpreter, as a grain worker is: maps one record with `transform`
+    (None: nothing) and reports the largest BLAS thread pool threadpoolctl sees."""
+    from threadpoolctl import threadpool_info
+    if transform is not None:
+        if isinstance(transform, gp.RandomMapTransform):
+            transform.random_map(rec, np.random.default_rng(0))
+        else:
+            transform.map(rec)
+    return max([p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] or [0])
+
+
+def test_transforms_cap_blas_threads_in_worker_processes(ds):
+    """grain's workers are fresh processes: the parent's threadpool limit does not reach them,
+    so the transforms themselves must cap BLAS (a 3x slowdown with 2 workers on 2 cores)."""
+    import multiprocessing as mp
+    from wamglm_jax.data.pipeline import ToImage, ToViews
+    rec = {"map": ds.maps[0], "label": int(ds.labels[0]), "index": 0}
+    with mp.get_context("spawn").Pool(1) as pool:
+        base = pool.apply(_blas_threads_in_fresh_process, (None, rec))
+        if base <= 1:
+            pytest.skip(f"this machine's BLAS already runs {base} thread(s)")
+        for t in (ToViews(16, 3), ToImage(16)):
+            # A new process per transform: the pool's worker already has its limit set.
+            with mp.get_context("spawn").Pool(1) as fresh:
+                assert fresh.apply(_blas_threads_in_fresh_process, (t, rec)) == 1, type(t)
+        assert pool.apply(_blas_threads_in_fresh_process, (ToViews(16, 3, None), rec)) == base

@@ -15,6 +15,8 @@ class c (unlabeled records are left out); the sampler then shuffles that list ev
 """
 from __future__ import annotations
 
+import os
+
 import grain.python as gp
 import numpy as np
 
@@ -101,13 +103,46 @@ def _balance_mode(b):
     return "full" if b else False
 
 
-class ToImage(gp.MapTransform):
+def limit_blas_threads(n: int | None):
+    """Caps numpy's BLAS thread pool of this process at ``n`` threads (None: leave it).
+
+    The per-record resize is two tiny matmuls: multi-threaded OpenBLAS spinning against
+    grain's reader threads and sibling workers made the pipeline 3x slower with 2 workers on 2
+    cores, and left a 16-core GPU host feeding ~12 steps/s whatever the worker count."""
+    if n is None:
+        return
+    try:        # threadpoolctl comes with scikit-learn (requirements.txt)
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(limits=int(n), user_api="blas")
+
+
+class _BlasLimited:
+    """Mixin for transforms: the first record a process maps caps that process's BLAS pool.
+
+    grain's worker processes start fresh interpreters that do not inherit the parent's
+    threadpool limit; a transform is pickled into each of them, so it carries the limit."""
+
+    blas_threads: int | None = 1
+    _limited_pid: int | None = None
+
+    def _limit_once(self):
+        pid = os.getpid()
+        if self._limited_pid != pid:
+            limit_blas_threads(self.blas_threads)
+            self._limited_pid = pid
+
+
+class ToImage(_BlasLimited, gp.MapTransform):
     """Eval transform: one image, no augmentation."""
 
-    def __init__(self, image_size: int, num_views: int = 1):
+    def __init__(self, image_size: int, num_views: int = 1, blas_threads: int | None = 1):
         self.size, self.num_views = int(image_size), int(num_views)
+        self.blas_threads = blas_threads
 
     def map(self, rec):
+        self._limit_once()
         img = area_resize_onehot(np.asarray(rec["map"]), self.size)
         out = {"label": np.int32(rec["label"]), "index": np.int64(rec.get("index", -1))}
         if self.num_views == 1:
@@ -117,13 +152,15 @@ class ToImage(gp.MapTransform):
         return out
 
 
-class ToViews(gp.RandomMapTransform):
+class ToViews(_BlasLimited, gp.RandomMapTransform):
     """Train transform: random label-preserving views (rotations / flips)."""
 
-    def __init__(self, image_size: int, num_views: int):
+    def __init__(self, image_size: int, num_views: int, blas_threads: int | None = 1):
         self.size, self.num_views = int(image_size), int(num_views)
+        self.blas_threads = blas_threads
 
     def random_map(self, rec, rng: np.random.Generator):
+        self._limit_once()
         img = area_resize_onehot(np.asarray(rec["map"]), self.size)
         views = make_views(img, self.num_views, rng)
         out = {"label": np.int32(rec["label"]), "index": np.int64(rec.get("index", -1))}
@@ -144,23 +181,25 @@ def image_loader(dataset, *, image_size: int, batch_size: int, num_views: int = 
     ``dataset[index]`` / ``dataset.maps[index]`` is the map the image came from).
 
     dataset: WaferDataset or a random-access source of {'map', 'label'} records.
-    train: shuffle every epoch and draw random views; eval keeps the order, no augmentation.
+    train: shuffle every epoch and draw random views; eval keeps the order, no augmentation
+        (with ``worker_count`` > 0 each worker batches records w, w+W, ...: batches come
+        interleaved, and 'index' gives every record's position).
     num_epochs: None = repeat forever when training, 1 pass when not.
     shard_options: default ShardByJaxProcess(drop_remainder=train).
-    blas_threads: sets numpy's BLAS thread pool (process-wide) to this size; None leaves it.
-        The per-record resize is two tiny matmuls: multi-threaded OpenBLAS spinning against
-        grain's reader threads made the pipeline 10-20x slower on 2 cores.
+    blas_threads: caps numpy's BLAS thread pool at this size, in this process and in every
+        worker process (see ``limit_blas_threads``); None leaves it.
     """
     if num_views not in (1, 3):
         raise ValueError(f"num_views={num_views}: expected 1 or 3")
     if batch_size < 1 or image_size < 1:
         raise ValueError(f"batch_size={batch_size}, image_size={image_size}: expected >= 1")
-    if blas_threads is not None:
-        try:        # threadpoolctl comes with scikit-learn (requirements.txt)
-            from threadpoolctl import threadpool_limits
-            threadpool_limits(limits=int(blas_threads), user_api="blas")
-        except ImportError:
-            pass
+    limit_blas_threads(blas_threads)
+    if worker_count:
+        # grain's workers read absl flags; outside absl.app.run (tools with argparse, tests)
+        # nothing parsed them: take the flags' defaults rather than fail in the worker.
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
     source = WaferSource(dataset) if isinstance(dataset, WaferDataset) else _Remapped(dataset)
     if len(source) == 0:
         raise ValueError("image_loader: the dataset is empty")
@@ -174,7 +213,8 @@ def image_loader(dataset, *, image_size: int, batch_size: int, num_views: int = 
     shard = shard_options or gp.ShardByJaxProcess(drop_remainder=train)
     sampler = gp.IndexSampler(num_records=len(source), shard_options=shard, shuffle=train,
                               num_epochs=num_epochs, seed=int(seed))
-    op = ToViews(image_size, num_views) if train else ToImage(image_size, num_views)
+    op = (ToViews(image_size, num_views, blas_threads) if train
+          else ToImage(image_size, num_views, blas_threads))
     return gp.DataLoader(data_source=source, sampler=sampler,
                          operations=[op, gp.Batch(batch_size, drop_remainder=drop_remainder)],
                          worker_count=worker_count)
