@@ -111,3 +111,20 @@ def test_load_variables_under_an_active_mesh(trained):
     assert len(flat_a) == len(flat_b) > 0
     for path, a in flat_a:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(flat_b[path]))
+
+
+def test_predict_with_worker_processes_matches_in_process(trained):
+    """`worker_count` (config.stage1.loader_workers) only moves the resizing into grain worker
+    processes: same maps, same order, same probabilities; it also works outside absl.app."""
+    tmp, ds = trained
+    config = stage1.load_run_config(tmp / "run")
+    mesh = make_mesh(config.mesh)
+    rules = shd.rules_from_config(config)
+    model, variables, _ = stage1.load_variables(tmp / "run", config, mesh, 9, rules)
+    kw = dict(image_size=int(config.model.vit.image_size), batch_size=16, mesh=mesh, rules=rules)
+    inproc = stage1.predict(model, variables, ds, **kw)
+    workers = stage1.predict(model, variables, ds, worker_count=2, **kw)
+    assert workers["index"].tolist() == list(range(len(ds.maps)))
+    np.testing.assert_array_equal(workers["labels"], ds.labels)
+    np.testing.assert_allclose(workers["probs"], inproc["probs"], atol=1e-6)
+    np.testing.assert_allclose(workers["z"], inproc["z"], atol=1e-6)

@@ -55,7 +55,8 @@ def default_stage1_config(**overrides) -> ml_collections.ConfigDict:
         class_weighting="none",     # CE class weights from train counts: none | sqrt | full
         tta=False,                  # final evaluation: average softmax over the 8 dihedral views
                                     # (model selection during training never uses TTA)
-        loader_workers=0,           # grain worker processes for the train loader (0 = in-process)
+        loader_workers=0,           # grain worker processes of the train and eval loaders
+                                    # (0 = in-process)
         report_split="test",        # top-level metrics of the report (falls back to val)
         embedding_method="pca",     # pca | tsne (feature plot with prototypes)
         embedding_points=2000,
@@ -161,20 +162,21 @@ def _make_eval_fn(model, mesh):
 
 
 def predict(model, variables, dataset, *, image_size: int, batch_size: int, mesh,
-            rules=(), tta: bool = False) -> dict:
+            rules=(), tta: bool = False, worker_count: int = 0) -> dict:
     """Class probabilities for every map of `dataset` (in order).
 
     Returns {'probs' float[N,C], 'z' float[N,P] (identity view), 'prototypes' float[C,P],
     'labels' int[N], 'index' int[N]}. Every process reads the whole set in order and feeds
     its slice of each global batch (padded to a multiple of the batch devices), so the
-    jitted forward is data-parallel on any mesh; outputs are replicated.
+    jitted forward is data-parallel on any mesh; outputs are replicated. `worker_count`:
+    grain processes that resize the maps (the order of the output does not depend on it).
     """
     ndev = shd.axis_size(mesh, shd.BATCH_AXES)
     gb = max(ndev, (batch_size // ndev) * ndev)
     nproc, pid = jax.process_count(), jax.process_index()
     import grain.python as gp
     loader = image_loader(dataset, image_size=image_size, batch_size=gb, train=False,
-                          shard_options=gp.NoSharding())
+                          shard_options=gp.NoSharding(), worker_count=int(worker_count))
     fn = _eval_fn(model, mesh)
     probs, zs, labels, index, protos = [], [], [], [], None
     with shd.activate(mesh, rules):
@@ -196,20 +198,27 @@ def predict(model, variables, dataset, *, image_size: int, batch_size: int, mesh
             zs.append(z0[:n])
             labels.append(np.asarray(batch["label"]))
             index.append(np.asarray(batch["index"]))
-    return dict(probs=np.concatenate(probs), z=np.concatenate(zs),
-                prototypes=np.asarray(protos), labels=np.concatenate(labels),
-                index=np.concatenate(index))
+    # grain workers batch their own share of the records (worker w: records w, w+W, ...), so
+    # batches arrive interleaved: put the maps back in dataset order.
+    index = np.concatenate(index)
+    order = np.argsort(index, kind="stable")
+    if not np.array_equal(index[order], np.arange(len(index))):
+        raise RuntimeError(f"predict: the loader yielded record positions {index[order][:8]}... "
+                           f"instead of each of 0..{len(index) - 1} once")
+    return dict(probs=np.concatenate(probs)[order], z=np.concatenate(zs)[order],
+                prototypes=np.asarray(protos), labels=np.concatenate(labels)[order],
+                index=index[order])
 
 
 def evaluate_split(model, variables, dataset, class_names, *, image_size, batch_size, mesh,
                    rules=(), tta=False, out_dir=None, split="val", embedding=None,
-                   embedding_points=2000, pred=None):
+                   embedding_points=2000, pred=None, worker_count=0):
     """Metrics (classification_metrics) of one split; with out_dir, writes
     confusion_<split>.png (and embedding_<split>.png when `embedding` is 'pca'/'tsne').
     `pred`: predictions of these very variables on `dataset` (skips the forward passes)."""
     if pred is None:
         pred = predict(model, variables, dataset, image_size=image_size, batch_size=batch_size,
-                       mesh=mesh, rules=rules, tta=tta)
+                       mesh=mesh, rules=rules, tta=tta, worker_count=worker_count)
     labelled = pred["labels"] >= 0
     if not labelled.any():
         raise ValueError(f"split {split!r} has no labelled maps to evaluate")
@@ -342,7 +351,8 @@ def run(config, workdir, mesh=None) -> dict:
     def eval_fn(st, step):
         m, pred = evaluate_split(model, {"params": st.params, "batch_stats": st.batch_stats},
                                  val, class_names, image_size=image_size,
-                                 batch_size=s1.eval_batch_size, mesh=mesh, rules=rules, tta=False)
+                                 batch_size=s1.eval_batch_size, mesh=mesh, rules=rules, tta=False,
+                                 worker_count=int(s1.loader_workers))
         last_val.clear()
         last_val[step] = pred
         return {"val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"]}
@@ -378,7 +388,8 @@ def run(config, workdir, mesh=None) -> dict:
                               batch_size=s1.eval_batch_size, mesh=mesh, rules=rules, tta=s1.tta,
                               out_dir=stage_dir, split=name,
                               embedding=s1.embedding_method if name == "val" else None,
-                              embedding_points=s1.embedding_points, pred=cached)
+                              embedding_points=s1.embedding_points, pred=cached,
+                              worker_count=int(s1.loader_workers))
         per_split[name] = m
         logging.info("stage1 %s: accuracy %.4f macro_f1 %.4f (%d maps%s)", name, m["accuracy"],
                      m["macro_f1"], m["num_examples"], ", 8-view TTA" if s1.tta else "")
