@@ -131,7 +131,11 @@ def test_make_dataset_cli(tmp_path, capsys):
 def test_benchmark_tool_smoke(tmp_path, capsys):
     from tools import benchmark_data
     rows = benchmark_data.main(["--num=45", "--batches=2", "--batch_size=4", "--tfds_num=20",
-                                "--image_size=8", f"--json={tmp_path / 'b.json'}"])
+                                "--image_size=8", "--workers=1", f"--json={tmp_path / 'b.json'}"])
     saved = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert saved == rows and rows[0]["n"] == 45 and all(r["rate"] > 0 for r in rows)
+    assert rows[-1]["what"].endswith("views=3 workers=1") and rows[-1]["n"] == 8
     assert "maps/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        benchmark_data.main(["--num=45", "--batches=2", "--workers=-1"])
+    assert "--workers: -1 is negative" in capsys.readouterr().err

@@ -1,8 +1,10 @@
 """Throughput of the data layer: generator maps/s and grain pipeline examples/s.
 
   python -m tools.benchmark_data [--num=100000] [--image_size=32] [--batches=50]
-      [--real=PATH (any file load_dataset reads)] [--json=PATH]
-Prints a table; --json writes the same rows. Single process, worker_count=0 (the default).
+      [--real=PATH (any file load_dataset reads)] [--workers=0,2] [--json=PATH]
+Prints a table; --json writes the same rows. Single process, worker_count=0 (the default),
+except the rows of `--workers` (the 3-view train pipeline on --real, else the synthetic maps,
+with that many grain worker processes, as config.stage1.loader_workers sets).
 """
 from __future__ import annotations
 
@@ -24,15 +26,16 @@ def time_generator(num, label_space, balance):
                     rate=round(num / dt, 1), unit="maps/s")
 
 
-def time_loader(name, source, image_size, batch_size, num_views, batches):
+def time_loader(name, source, image_size, batch_size, num_views, batches, worker_count=0):
     dl = image_loader(source, image_size=image_size, batch_size=batch_size,
-                      num_views=num_views, train=True, seed=0)
+                      num_views=num_views, train=True, seed=0, worker_count=worker_count)
     it = iter(dl)
     next(it)                                            # warm-up (first batch)
     t = time.perf_counter()
     n = sum(len(next(it)["label"]) for _ in range(batches))
     dt = time.perf_counter() - t
-    return dict(what=f"pipeline {name} S={image_size} views={num_views}", n=n,
+    workers = f" workers={worker_count}" if worker_count else ""
+    return dict(what=f"pipeline {name} S={image_size} views={num_views}{workers}", n=n,
                 seconds=round(dt, 2), rate=round(n / dt, 1), unit="examples/s")
 
 
@@ -44,8 +47,16 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--tfds_num", type=int, default=4000, help="maps in the ArrayRecord test")
     p.add_argument("--real", default=None)
+    p.add_argument("--workers", default="",
+                   help="comma-separated grain worker counts to time, e.g. 0,2")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    try:
+        workers = [int(x) for x in a.workers.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--workers={a.workers!r}: expected comma-separated integers, e.g. 0,2")
+    if any(w < 0 for w in workers):
+        p.error(f"--workers: {min(workers)} is negative; expected counts >= 0")
     rows = []
     ds, r = time_generator(a.num, "wm811k", "balanced")
     rows.append(r)
@@ -60,11 +71,13 @@ def main(argv=None):
         src = builders.data_source(d, "train")
         rows.append(time_loader("TFDS ArrayRecord", src, a.image_size, a.batch_size, 3,
                                 a.batches))
+    name, src = "synthetic in-memory", ds
     if a.real:
         from wamglm_jax.data.dataset import load_dataset
-        real = load_dataset(a.real)
-        rows.append(time_loader(f"real {os.path.basename(a.real)}", real, a.image_size,
-                                a.batch_size, 3, a.batches))
+        name, src = f"real {os.path.basename(a.real)}", load_dataset(a.real)
+        rows.append(time_loader(name, src, a.image_size, a.batch_size, 3, a.batches))
+    for w in workers:
+        rows.append(time_loader(name, src, a.image_size, a.batch_size, 3, a.batches, w))
     w = max(len(r["what"]) for r in rows)
     print(f"{'what':<{w}}  {'n':>8}  {'seconds':>8}  {'rate':>10}  unit")
     for r in rows:
