@@ -6,8 +6,12 @@ report on `val`.
     python -m wamglm_jax.main --config=configs/stage1_mixedwm38.py:cpu --workdir=DIR
 
 Classes are near-balanced (~1,000 maps each except Near-full 149 and Random 866): BalSCL plus
-square-root class-balanced sampling. The default is sized for one GPU (the `small` ViT at 64x64
-on the 52x52 maps, SigLIP patch conv; not run yet); `:cpu` is the 2-core CPU run of the README
+square-root class-balanced sampling. The default is the one-GPU run of the README: the `small`
+ViT widths (6 blocks of width 192, MLP 768) at 64x64 on the 52x52 maps with the conv stem
+(stem_depth=2), CE on all three views, batch 128 x 3 views, 1500 steps (14 epochs): on one
+H100, sharing it with the WM-811K run, val 0.978 / macro-F1 0.977 in 174 s (167 s training at
+~13 steps/s, input-bound as that run was), still rising at the last step. `:cpu` is the 2-core
+CPU run of the README
 (a 4-block width-96 ViT at 64x64, 64 tokens, whose patch embedding is a convolutional stem of
 three 3x3 stride-2 convs with one residual 3x3 unit each, `config.model.vit.stem='conv'`,
 `stem_depth=2`: val 0.978 in 39.6 min; 0.971 with stem_depth=1 in 27.4 min; the SigLIP patch
@@ -46,6 +50,15 @@ def get_config(arg: str = ""):
     config.stage1.loop.eval_every = 500
     config.stage1.loop.checkpoint_every = 500
     config.stage1.optimizer.learning_rate = 1e-3
+    if not cpu and not arg:     # the one-GPU default: the `small` widths with the conv stem
+        config.model.vit.update(image_size=64, patch_size=8, hidden_size=192,
+                                intermediate_size=768, num_layers=6, num_heads=6, stem="conv",
+                                stem_depth=2)
+        config.stage1.ce_all_views = True
+        config.stage1.loader_workers = 6
+        config.stage1.loop.num_steps = 1500
+        config.stage1.loop.eval_every = 300
+        config.stage1.loop.checkpoint_every = 300
     if cpu:
         config.model.vit.update(image_size=64, patch_size=8, hidden_size=96,
                                 intermediate_size=192, num_layers=4, num_heads=4, stem="conv",
