@@ -198,16 +198,25 @@ def predict(model, variables, dataset, *, image_size: int, batch_size: int, mesh
             zs.append(z0[:n])
             labels.append(np.asarray(batch["label"]))
             index.append(np.asarray(batch["index"]))
-    # grain workers batch their own share of the records (worker w: records w, w+W, ...), so
-    # batches arrive interleaved: put the maps back in dataset order.
-    index = np.concatenate(index)
-    order = np.argsort(index, kind="stable")
-    if not np.array_equal(index[order], np.arange(len(index))):
-        raise RuntimeError(f"predict: the loader yielded record positions {index[order][:8]}... "
-                           f"instead of each of 0..{len(index) - 1} once")
+    index, order = _dataset_order(np.concatenate(index), len(dataset))
     return dict(probs=np.concatenate(probs)[order], z=np.concatenate(zs)[order],
                 prototypes=np.asarray(protos), labels=np.concatenate(labels)[order],
                 index=index[order])
+
+
+def _dataset_order(index: np.ndarray, n: int):
+    """(index, permutation putting it in dataset order). grain workers batch their own share
+    of the records (worker w: records w, w+W, ...), so batches arrive interleaved; every
+    position 0..n-1 must have come back exactly once."""
+    order = np.argsort(index, kind="stable")
+    if not np.array_equal(index[order], np.arange(n)):
+        missing = np.setdiff1d(np.arange(n), index)
+        values, counts = np.unique(index, return_counts=True)
+        raise RuntimeError(
+            f"predict: the loader returned {len(index)} records for a dataset of {n}; missing "
+            f"positions {missing[:8].tolist()}, repeated {values[counts > 1][:8].tolist()}, "
+            f"out of range {index[(index < 0) | (index >= n)][:8].tolist()}")
+    return index, order
 
 
 def evaluate_split(model, variables, dataset, class_names, *, image_size, batch_size, mesh,
