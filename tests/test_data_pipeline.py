@@ -3,6 +3,7 @@ import grain.python as gp
 import numpy as np
 import pytest
 
+from wamglm_jax.data import pipeline
 from wamglm_jax.data.dataset import WaferDataset
 from wamglm_jax.data.generator import generate
 from wamglm_jax.data.pipeline import balanced_ids, image_loader
@@ -110,6 +111,44 @@ def test_bad_arguments(ds):
         image_loader(ds, image_size=8, batch_size=4, num_views=2)
     with pytest.raises(ValueError, match="empty"):
         image_loader(WaferDataset([], np.zeros(0)), image_size=8, batch_size=4)
+
+
+def _max_blas_threads():
+    from threadpoolctl import threadpool_info
+    return max([p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] or [0])
+
+
+def _fresh_process_blas_threads():
+    import multiprocessing as mp
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_max_blas_threads)
+
+
+class _ProbeImage(pipeline.ToImage):
+    """ToImage that also records the BLAS pool size of the process that mapped the record."""
+
+    def map(self, rec):
+        out = super().map(rec)
+        out["blas_threads"] = np.int32(_max_blas_threads())
+        return out
+
+
+def test_grain_workers_of_image_loader_run_with_capped_blas(ds, monkeypatch):
+    """Through grain's own worker processes (2 of them), every record is mapped with BLAS
+    capped at one thread, though a fresh interpreter on this machine starts with more."""
+    base = _fresh_process_blas_threads()
+    if base <= 1:
+        pytest.skip(f"this machine's BLAS already runs {base} thread(s)")
+    monkeypatch.setattr(pipeline, "ToImage", _ProbeImage)
+    batches = list(image_loader(ds, image_size=8, batch_size=16, worker_count=2))
+    seen = np.concatenate([b["blas_threads"] for b in batches])
+    assert len(seen) == len(ds.maps) and (seen == 1).all(), np.unique(seen)
+
+
+def test_remapped_repr_without_ids(ds):
+    """repr is what grain's iterator state records for the source: it must work unbalanced."""
+    src = pipeline._Remapped(pipeline.WaferSource(ds))
+    assert repr(src).startswith(f"_Remapped(n={len(ds.maps)}, base=WaferSource(")
 
 
 def _blas_threads_in_fresh_process(transform, rec):

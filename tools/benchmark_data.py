@@ -26,15 +26,16 @@ def time_generator(num, label_space, balance):
                     rate=round(num / dt, 1), unit="maps/s")
 
 
-def time_loader(name, source, image_size, batch_size, num_views, batches, worker_count=0):
+def time_loader(name, source, image_size, batch_size, num_views, batches, worker_count=None):
+    """worker_count None: in-process, unlabelled row; an int: that many workers, labelled."""
     dl = image_loader(source, image_size=image_size, batch_size=batch_size,
-                      num_views=num_views, train=True, seed=0, worker_count=worker_count)
+                      num_views=num_views, train=True, seed=0, worker_count=worker_count or 0)
     it = iter(dl)
     next(it)                                            # warm-up (first batch)
     t = time.perf_counter()
     n = sum(len(next(it)["label"]) for _ in range(batches))
     dt = time.perf_counter() - t
-    workers = f" workers={worker_count}" if worker_count else ""
+    workers = "" if worker_count is None else f" workers={worker_count}"
     return dict(what=f"pipeline {name} S={image_size} views={num_views}{workers}", n=n,
                 seconds=round(dt, 2), rate=round(n / dt, 1), unit="examples/s")
 

@@ -60,7 +60,7 @@ class _Remapped(gp.RandomAccessDataSource):
         return rec
 
     def __repr__(self):
-        return f"_Remapped(n={len(self._ids)}, base={self._base!r})"
+        return f"_Remapped(n={len(self)}, base={self._base!r})"
 
 
 def source_labels(source) -> np.ndarray:
@@ -108,7 +108,8 @@ def limit_blas_threads(n: int | None):
 
     The per-record resize is two tiny matmuls: multi-threaded OpenBLAS spinning against
     grain's reader threads and sibling workers made the pipeline 3x slower with 2 workers on 2
-    cores, and left a 16-core GPU host feeding ~12 steps/s whatever the worker count."""
+    cores (measured), and is the likely cause of a 16-core GPU host feeding ~12 steps/s with
+    6 or 12 workers (not yet rerun on a GPU)."""
     if n is None:
         return
     try:        # threadpoolctl comes with scikit-learn (requirements.txt)
@@ -195,8 +196,10 @@ def image_loader(dataset, *, image_size: int, batch_size: int, num_views: int = 
         raise ValueError(f"batch_size={batch_size}, image_size={image_size}: expected >= 1")
     limit_blas_threads(blas_threads)
     if worker_count:
-        # grain's workers read absl flags; outside absl.app.run (tools with argparse, tests)
-        # nothing parsed them: take the flags' defaults rather than fail in the worker.
+        # grain reads its absl flags in the process that starts the workers; outside
+        # absl.app.run (tools with argparse, notebooks, tests) nothing parsed them. Side
+        # effect: absl's flags count as parsed from here on, with their default values (a
+        # later app.run still parses its argv).
         from absl import flags
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
