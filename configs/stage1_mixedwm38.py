@@ -9,15 +9,17 @@ Classes are near-balanced (~1,000 maps each except Near-full 149 and Random 866)
 square-root class-balanced sampling. The default is the one-GPU run of the README: the `small`
 ViT widths (6 blocks of width 192, MLP 768) at 64x64 on the 52x52 maps with the conv stem
 (stem_depth=2), CE on all three views, batch 128 x 3 views, 1500 steps (14 epochs): on one
-H100, sharing it with the WM-811K run, val 0.978 / macro-F1 0.977 in 174 s (167 s training at
-~13 steps/s, input-bound as that run was), still rising at the last step. `:cpu` is the 2-core
-CPU run of the README: a 4-block width-96 ViT at 64x64, 64 tokens, whose patch embedding is a
-convolutional stem of three 3x3 stride-2 convs with one residual 3x3 unit each
-(`config.model.vit.stem='conv'`, `stem_depth=2`), 4,500 steps of 64 x 3 views, CE on all
-three views, 8-view TTA at the end: val 0.9809 / macro-F1 0.9801 in 61.2 min (0.9804 in an
-earlier run of the same recipe; the README gives the variants it was selected among on val). Earlier variants, one view: 3,000 steps 0.978 (0.9786 with
-TTA) in 39.6 min; stem_depth=1 0.971 in 27.4 min; the SigLIP patch conv at 48x48 / patch 6
-0.916; drop_path_rate=0.1 with label_smoothing=0.1 0.976 (0.977 with TTA).
+H100, sharing it with the README's 1,000-step WM-811K run, val 0.978 / macro-F1 0.977 in 174 s
+(167 s training: ~13 steps/s steady, the rest compilation and evaluations; input-bound like
+that run), still rising at the last step. `:cpu` is the 2-core CPU run of the README: a
+4-block width-96 ViT at 64x64, 64 tokens, whose patch embedding is a convolutional stem of
+three 3x3 stride-2 convs with one residual 3x3 unit each (`config.model.vit.stem='conv'`,
+`stem_depth=2`), 4,500 steps of 64 x 3 views, CE on all three views, 8-view TTA at the end:
+val 0.9809 / macro-F1 0.9801 in 61.2 min (0.9804 in an earlier run of the same recipe; the
+README gives the variants it was selected among on val). Earlier variants, one view: 3,000
+steps 0.978 (0.9786 with TTA) in 39.6 min; stem_depth=1 0.971 in 27.4 min; the SigLIP patch
+conv at 48x48 / patch 6 0.916; drop_path_rate=0.1 with label_smoothing=0.1 0.976 (0.977
+with TTA).
 Any preset name works as the arg too (`:tiny`, `:base`).
 `:cpu` averages the CE over the three views (`ce_all_views`, not the reference recipe): the
 small ViT was underfit on 38 classes in CPU time, and this was selected on val (patch conv:

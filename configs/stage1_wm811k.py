@@ -10,9 +10,10 @@ square-root class-balanced sampling; plain CE (class_weighting='none'), 8-view T
 The default is the one-GPU run of the README: a 6.2M-parameter conv-stem ViT (6 blocks of
 width 256, MLP 1024, 8 heads, 64 tokens, stem_depth=2), CE on all three views, batch 128 x 3
 views, 2200 steps (7.5 epochs), 12 grain workers. On one H100 it gave val 0.9745 / macro-F1
-0.9379 with 8-view TTA (0.969 / 0.925 one view) in 320 s, 279 s of them training at ~12
-steps/s; the input pipeline held it there (BLAS threads oversubscribed in the grain workers,
-fixed since), and val was still rising at the last step, so a longer run
+0.9379 with 8-view TTA (0.969 / 0.925 one view) in 320 s, 279 s of them training (~12
+steps/s steady, the rest compilation and two evaluations). The input pipeline held it there;
+the likely cause, BLAS threads oversubscribed in the grain workers, is fixed but not yet rerun
+on a GPU. Val was still rising at the last step, so a longer run
 (`--config.stage1.loop.num_steps=N`) is the next step on a GPU. `:cpu` is the 2-core CPU run
 of the README (a 1.2M-parameter ViT, 4 blocks of
 width 128 at 64x64, 64 tokens, whose patch embedding is a convolutional stem, three 3x3
