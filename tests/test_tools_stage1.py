@@ -132,8 +132,8 @@ def test_predict_with_worker_processes_matches_in_process(trained):
 
 def test_dataset_order_restores_interleaved_batches_and_names_faults():
     index = np.array([0, 2, 4, 1, 3])            # two workers' shares, batch by batch
-    got, order = stage1._dataset_order(index, 5)
-    assert got[order].tolist() == [0, 1, 2, 3, 4]
+    order = stage1._dataset_order(index, 5)
+    assert index[order].tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(RuntimeError, match=r"returned 4 records for a dataset of 5; missing "
                                            r"positions \[4\], repeated \[\]"):
         stage1._dataset_order(np.array([0, 2, 1, 3]), 5)      # the tail was lost

@@ -198,14 +198,15 @@ def predict(model, variables, dataset, *, image_size: int, batch_size: int, mesh
             zs.append(z0[:n])
             labels.append(np.asarray(batch["label"]))
             index.append(np.asarray(batch["index"]))
-    index, order = _dataset_order(np.concatenate(index), len(dataset))
+    index = np.concatenate(index)
+    order = _dataset_order(index, len(dataset))
     return dict(probs=np.concatenate(probs)[order], z=np.concatenate(zs)[order],
                 prototypes=np.asarray(protos), labels=np.concatenate(labels)[order],
                 index=index[order])
 
 
-def _dataset_order(index: np.ndarray, n: int):
-    """(index, permutation putting it in dataset order). grain workers batch their own share
+def _dataset_order(index: np.ndarray, n: int) -> np.ndarray:
+    """The permutation that puts `index` in dataset order. grain workers batch their own share
     of the records (worker w: records w, w+W, ...), so batches arrive interleaved; every
     position 0..n-1 must have come back exactly once."""
     order = np.argsort(index, kind="stable")
@@ -216,7 +217,7 @@ def _dataset_order(index: np.ndarray, n: int):
             f"predict: the loader returned {len(index)} records for a dataset of {n}; missing "
             f"positions {missing[:8].tolist()}, repeated {values[counts > 1][:8].tolist()}, "
             f"out of range {index[(index < 0) | (index >= n)][:8].tolist()}")
-    return index, order
+    return order
 
 
 def evaluate_split(model, variables, dataset, class_names, *, image_size, batch_size, mesh,
