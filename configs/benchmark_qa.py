@@ -15,7 +15,7 @@ answers (count, zone extent, yield, area) >= 80% within tolerance.
 The default is the run made on one H100 (2026-11-28): a `small`-shaped, 4-layer, 256-wide LM
 (3.6M parameters in all, 3.5M trained) on the tiny ViT (32x32, patch 4: 64 image tokens); two
 dialogues per training map (40,000); 300 alignment steps, then 5,000 steps of 32 dialogues
-(307 s of stage 2 at 41-52 steps/s; stage 1 ran beside two other jobs). On 500 `test` maps
+(307 s of stage 2, about 42 steps/s; stage 1 ran beside two other jobs). On 500 `test` maps
 (2,035 answers): defect type 95.9% (99.4% with training phrasings, 92.1% held out): met;
 numeric 67.1% within tolerance (yield 98.7%, area 86.6%, failing-die count 47.1%, zone count
 21.1%): not met. 5,000 rather than the 8,000 steps first planned, because 8,000 did not fit
