@@ -154,13 +154,12 @@ def test_remapped_repr_without_ids(ds):
 def _blas_threads_in_fresh_process(transform, rec):
     """Runs in a spawned interpreter, as a grain worker is: maps one record with `transform`
     (None: nothing) and reports the largest BLAS thread pool threadpoolctl sees."""
-    from threadpoolctl import threadpool_info
     if transform is not None:
         if isinstance(transform, gp.RandomMapTransform):
             transform.random_map(rec, np.random.default_rng(0))
         else:
             transform.map(rec)
-    return max([p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] or [0])
+    return _max_blas_threads()
 
 
 def test_transforms_cap_blas_threads_in_worker_processes(ds):
