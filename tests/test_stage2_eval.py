@@ -121,3 +121,46 @@ def test_report_markdown_lists_every_kind(data):
             cols.append(f"{100 * np.mean(ok):.1f}%" if ok else "n/a")
         assert f"| {kind} | {100 * v['accuracy']:.1f}% | {v['n']} | {cols[0]} | {cols[1]} |" \
             in md
+
+
+def test_mcnemar_p_matches_scipy_binomtest():
+    from scipy.stats import binomtest
+    for a, b in [(0, 0), (3, 0), (0, 7), (5, 5), (12, 4), (30, 41), (1, 60)]:
+        want = 1.0 if a + b == 0 else binomtest(min(a, b), a + b, 0.5).pvalue
+        np.testing.assert_allclose(bl.mcnemar_exact_p(a, b), want, rtol=1e-12)
+
+
+def test_paired_comparison_counts_answer_for_answer(data):
+    ds, items = data
+    # the baseline predicts "none" everywhere; the model's answers are right on every third
+    # turn, so the two disagree on a known set of (id, turn) pairs
+    none = {int(it["image_index"]): 8 for it in items}
+    base = bl.baseline_records(items, ds.maps, none, ds.label_space)
+    model = _records(items, lambda it, t, k: it["messages"][t]["content"] if t % 3 == 1 else ".")
+    model.append(dict(model[0], id="not-in-baseline"))        # unpaired: ignored
+    got = bl.paired_comparison(model, base)
+    base_ok = {(r["id"], r["turn"]): r["correct"] for r in base}
+    for kind in bl.CLASS_KINDS:
+        pairs = [(r["correct"], base_ok[(r["id"], r["turn"])]) for r in model
+                 if r["kind"] == kind and (r["id"], r["turn"]) in base_ok]
+        if not pairs:
+            assert kind not in got
+            continue
+        v = got[kind]
+        assert v["n"] == len(pairs)
+        assert v["model_only"] == sum(m and not b for m, b in pairs)
+        assert v["baseline_only"] == sum(b and not m for m, b in pairs)
+        np.testing.assert_allclose(v["model_accuracy"], np.mean([m for m, _ in pairs]))
+        np.testing.assert_allclose(v["baseline_accuracy"], np.mean([b for _, b in pairs]))
+    assert got["defect_type"]["model_only"] + got["defect_type"]["baseline_only"] > 0
+    # the report renders one row per paired kind
+    from wamglm_jax.train.stage2 import report_markdown
+    s = qa_eval.summarize(model)
+    md = report_markdown(dict(steps=3, final_train_loss=1.0, wall_seconds=2.0, eval_split="val",
+                              qa=s["by_kind"], qa_summary={k: v for k, v in s.items()
+                                                           if k != "by_kind"},
+                              baseline={"paired": got}, plot="/x/qa.png", examples=[]))
+    v = got["defect_type"]
+    assert (f"| defect_type | {v['n']} | {100 * v['model_accuracy']:.1f}% | "
+            f"{100 * v['baseline_accuracy']:.1f}% | {v['model_only']} | {v['baseline_only']} | "
+            in md)

@@ -13,6 +13,7 @@ baseline is given like the model, combined with the predicted defect set).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -68,10 +69,44 @@ def summarize_baseline(records: Sequence[dict], predicted: dict[int, int], label
             "classifier_accuracy": cls_acc, "n_maps": len(idx)}
 
 
+def mcnemar_exact_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: under "A and B are equally accurate" each discordant
+    pair (one right, the other wrong) is a fair coin, so min(only_a, only_b) follows
+    Binomial(only_a + only_b, 1/2); p = min(1, 2 * P[X <= min]). 1.0 with no discordant pair."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n)
+
+
+def paired_comparison(model_records: Sequence[dict], baseline_recs: Sequence[dict],
+                      kinds: Sequence[str] = CLASS_KINDS) -> dict:
+    """Model against baseline answer for answer: per kind, over the (id, turn) pairs both
+    answered, {n, model_accuracy, baseline_accuracy, model_only (model right, baseline wrong),
+    baseline_only, p_value (mcnemar_exact_p)}. The two accuracies come from the same questions
+    on the same maps, so their difference is not sampling noise between map sets; p_value
+    says whether it exceeds what chance disagreement gives."""
+    base = {(r["id"], r["turn"]): bool(r["correct"]) for r in baseline_recs}
+    out = {}
+    for kind in kinds:
+        pairs = [(bool(r["correct"]), base[(r["id"], r["turn"])]) for r in model_records
+                 if r["kind"] == kind and (r["id"], r["turn"]) in base]
+        if not pairs:
+            continue
+        m = np.array(pairs, dtype=bool)                          # bool[n, 2]: model, baseline
+        only_m, only_b = int((m[:, 0] & ~m[:, 1]).sum()), int((~m[:, 0] & m[:, 1]).sum())
+        out[kind] = {"n": len(pairs), "model_accuracy": float(m[:, 0].mean()),
+                     "baseline_accuracy": float(m[:, 1].mean()), "model_only": only_m,
+                     "baseline_only": only_b, "p_value": mcnemar_exact_p(only_m, only_b)}
+    return out
+
+
 def run_baseline(config, workdir, mesh, rules, dataset, items: Sequence[dict],
-                 kb: KnowledgeBase | None = None) -> dict:
+                 kb: KnowledgeBase | None = None,
+                 model_records: Sequence[dict] | None = None) -> dict:
     """Stage-1 predictions (best-on-val params) for the maps of `items`, then the template
-    answers; returns summarize_baseline(...) plus the checkpoint used."""
+    answers; returns summarize_baseline(...) plus the checkpoint used, and with the model's
+    QA `model_records` (evaluate.qa records) their `paired` comparison."""
     from wamglm_jax.train import stage1
 
     idx = sorted({int(it["image_index"]) for it in items})
@@ -86,6 +121,8 @@ def run_baseline(config, workdir, mesh, rules, dataset, items: Sequence[dict],
     records = baseline_records(items, dataset.maps, predicted, dataset.label_space, kb)
     out = summarize_baseline(records, predicted, dataset.labels)
     out["checkpoint"] = source
+    if model_records is not None:
+        out["paired"] = paired_comparison(model_records, records)
     return out
 
 

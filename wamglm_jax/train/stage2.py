@@ -532,7 +532,8 @@ def evaluate_and_report(*, config, s2, workdir, stage_dir, mesh, rules, model_cf
     baseline = None
     if ev.baseline:
         try:
-            baseline = bl.run_baseline(config, workdir, mesh, rules, splits[split], eval_items, kb)
+            baseline = bl.run_baseline(config, workdir, mesh, rules, splits[split], eval_items, kb,
+                                       model_records=records)
         except FileNotFoundError as e:
             logging.warning("stage2: no baseline: %s", e)
             baseline = {"error": str(e)}
@@ -625,6 +626,15 @@ def report_markdown(r: dict) -> str:
                       f"{_pct(r['baseline']['classifier_accuracy'])} "
                       f"({r['baseline'].get('checkpoint')}); not applicable to the baseline: "
                       f"{r['baseline']['not_applicable']}."]
+    paired = b.get("paired") or {}
+    if paired:
+        lines += ["", "Answer for answer (the same questions on the same maps; p: exact McNemar "
+                      "test of equal accuracy on the answers where exactly one is right):", "",
+                  "| kind | n | WamGLM | baseline | only WamGLM right | only baseline right | p |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['n']} | {_pct(v['model_accuracy'])} | "
+                  f"{_pct(v['baseline_accuracy'])} | {v['model_only']} | {v['baseline_only']} | "
+                  f"{v['p_value']:.3g} |" for k, v in paired.items()]
     lines += ["", f"![QA accuracy]({os.path.basename(r['plot'])})", "", "## Example dialogues"]
     for ex in r.get("examples", []):
         lines += ["", f"### {ex['id']} ({ex['class']}, held-out phrasing: {ex['heldout']})", ""]
