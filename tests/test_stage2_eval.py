@@ -125,7 +125,7 @@ def test_report_markdown_lists_every_kind(data):
 
 def test_mcnemar_p_matches_scipy_binomtest():
     from scipy.stats import binomtest
-    for a, b in [(0, 0), (3, 0), (0, 7), (5, 5), (12, 4), (30, 41), (1, 60)]:
+    for a, b in [(0, 0), (3, 0), (0, 7), (5, 5), (12, 4), (30, 41), (1, 60), (1480, 1620)]:
         want = 1.0 if a + b == 0 else binomtest(min(a, b), a + b, 0.5).pvalue
         np.testing.assert_allclose(bl.mcnemar_exact_p(a, b), want, rtol=1e-12)
 

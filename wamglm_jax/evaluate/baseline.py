@@ -14,6 +14,7 @@ baseline is given like the model, combined with the predicted defect set).
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Sequence
 
 import numpy as np
@@ -76,7 +77,8 @@ def mcnemar_exact_p(only_a: int, only_b: int) -> float:
     n, k = only_a + only_b, min(only_a, only_b)
     if n == 0:
         return 1.0
-    return min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n)
+    # exact integers, then one rounding: 2.0 ** n overflows a float beyond n = 1023
+    return min(1.0, float(Fraction(2 * sum(math.comb(n, i) for i in range(k + 1)), 2 ** n)))
 
 
 def paired_comparison(model_records: Sequence[dict], baseline_recs: Sequence[dict],
