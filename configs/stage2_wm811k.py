@@ -21,9 +21,10 @@ Target (issue 6): defect-type answers on `val` at least as accurate as the stage
 (README, 2026-11-28), three seeds: seed 0 94.0% of 336 answers (94.0% with training
 phrasings, 94.1% held out) against the classifier's 93.2% of the 500 maps: met;
 `--config.seed=1` (other training draws and questions) 89.4% (92.5% / 85.8%) against 93.0%
-and `--config.seed=2` 91.1% (93.0% / 89.6%) against 93.2%: not met. So not met reliably. The choice of six dialogues per map and the 128-wide LM was made on these `val`
-answers (there is no other split): with three per map the same LM gave 89.3% (86.0% held
-out), the tiny LM 80.4%, a 256-wide LM 83.6%.
+and `--config.seed=2` 91.1% (93.0% / 89.6%) against 93.2%: not met. So not met reliably.
+The choice of six dialogues per map and the 128-wide LM was made on these `val` answers
+(there is no other split): with three per map the same LM gave 89.3% (86.0% held out), the
+tiny LM 80.4%, a 256-wide LM 83.6%.
 The report's `baseline.paired` compares the model with the classifier answer for answer.
 On 2,000 `val` maps (`--config.stage2.eval.num_maps=2000`) with twice the distinct training
 maps (`--config.stage2.max_per_class=3200 --config.stage2.per_map=3`), seeds 0 / 1 / 2:
