@@ -202,3 +202,38 @@ if __name__ == "__main__":
             time.sleep(0.02)
         return b
     run(workdir, num_steps, ckpt_every=every, batch_fn=batch_fn)
+
+
+class _Step:
+    """Stands for a dispatched step's device metrics: records when it is waited on."""
+
+    def __init__(self, log, step):
+        self.log, self.step = log, step
+
+    def block_until_ready(self):
+        self.log.append(self.step)
+        return self
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 2, 3])
+def test_wait_for_backlog_keeps_at_most_max_in_flight_steps_computing(max_in_flight):
+    # Dispatch steps 1..10 one by one, as the loop does. After step s is dispatched the loop
+    # must have waited for step s - max_in_flight (the newest step that may not still be
+    # computing), so steps (s - max_in_flight, s] are the only ones possibly in flight.
+    waited, pending = [], []
+    for s in range(1, 11):
+        pending.append((s, {"loss": _Step(waited, s)}))
+        loop.wait_for_backlog(pending, max_in_flight)
+        must_be_done = s - max_in_flight
+        if must_be_done >= 1:
+            assert waited[-1] == must_be_done
+        else:
+            assert waited == []
+    assert waited == list(range(1, 11 - max_in_flight))
+
+
+def test_wait_for_backlog_zero_never_waits():
+    waited = []
+    pending = [(s, {"loss": _Step(waited, s)}) for s in range(1, 50)]
+    loop.wait_for_backlog(pending, 0)
+    assert waited == []

@@ -21,6 +21,11 @@
   the bad state is never saved, so the last good checkpoint stays the latest.
 - SIGTERM: the loop saves a checkpoint at the current step and raises Preempted
   (SystemExit with status 0).
+- Dispatch runs ahead of the device by at most `max_steps_in_flight` steps (default 2).
+  Unbounded, the host queues steps until the next log point (up to `log_every` of them, each
+  holding a batch on the device), and a SIGTERM's save waits for the whole queue: with
+  `stage1_wm811k.py:cpu` on 2 CPU cores, SIGTERM to saved checkpoint took 56 s once and 16 s
+  in a rerun (a preemptible VM's notice is 30 s), 6 s with the bound.
 """
 from __future__ import annotations
 
@@ -66,6 +71,7 @@ def default_loop_config(**overrides) -> ml_collections.ConfigDict:
         select_metric="",         # e.g. 'val_macro_f1': keep the best params in stage_dir/best
         select_mode="max",
         inject_nan_at_step=-1,    # test hook: the batch of this step (1-based) is set to NaN
+        max_steps_in_flight=2,    # dispatched steps not yet computed; 0 = unbounded
     ))
     cfg.update(overrides)
     return cfg
@@ -121,6 +127,14 @@ def _poison(batch):
     return jax.tree.map(lambda x: np.full_like(x, np.nan) if np.issubdtype(np.asarray(x).dtype,
                                                                            np.floating) else x,
                         batch)
+
+
+def wait_for_backlog(pending: list, max_in_flight: int) -> None:
+    """Blocks until at most `max_in_flight` of the dispatched steps in `pending` ([(step,
+    device metrics)], oldest first) are still computing: waits on the metrics of the step
+    `max_in_flight` places before the newest (steps complete in order). 0: never waits."""
+    if max_in_flight > 0 and len(pending) > max_in_flight:
+        jax.block_until_ready(pending[-max_in_flight - 1][1])
 
 
 def _summary_path(stage_dir) -> epath.Path:
@@ -246,6 +260,7 @@ def train_loop(*, stage_dir, cfg, state: TrainState, train_step: Callable,
                 state, metrics = jit_step(state, batch)
                 step += 1
                 pending.append((step, metrics))
+                wait_for_backlog(pending, int(cfg.get("max_steps_in_flight", 2)))
                 is_log = cfg.log_every > 0 and step % cfg.log_every == 0
                 is_eval = cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < num_steps
                 is_ckpt = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
