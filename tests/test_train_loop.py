@@ -237,3 +237,18 @@ def test_wait_for_backlog_zero_never_waits():
     pending = [(s, {"loss": _Step(waited, s)}) for s in range(1, 50)]
     loop.wait_for_backlog(pending, 0)
     assert waited == []
+
+
+def test_negative_max_steps_in_flight_is_rejected_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"loop.max_steps_in_flight=-1: expected >= 0"):
+        run(tmp_path, 4, max_steps_in_flight=-1)
+    assert not (tmp_path / "toy").exists()
+
+
+def test_unbounded_dispatch_trains_the_same_as_bounded(tmp_path):
+    # The bound only changes when the host waits, never what is computed.
+    bounded = run(tmp_path / "a", 6, max_steps_in_flight=1)
+    unbounded = run(tmp_path / "b", 6, max_steps_in_flight=0)
+    for x, y in zip(jax.tree.leaves(_params_np(bounded.state)),
+                    jax.tree.leaves(_params_np(unbounded.state))):
+        np.testing.assert_array_equal(x, y)

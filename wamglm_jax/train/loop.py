@@ -152,6 +152,10 @@ def train_loop(*, stage_dir, cfg, state: TrainState, train_step: Callable,
     schedule: used to test that stopping and resuming equals an uninterrupted run.
     """
     t_start = time.time()
+    in_flight = int(cfg.get("max_steps_in_flight", 2))
+    if in_flight < 0:
+        raise ValueError(f"{name}: config loop.max_steps_in_flight={in_flight}: expected >= 0 "
+                         "(0 = unbounded)")
     if os.environ.get("WAMGLM_VERBOSE_ORBAX", "0") != "1":
         quiet_orbax_logs()
     stage_dir = epath.Path(stage_dir).absolute()
@@ -260,7 +264,7 @@ def train_loop(*, stage_dir, cfg, state: TrainState, train_step: Callable,
                 state, metrics = jit_step(state, batch)
                 step += 1
                 pending.append((step, metrics))
-                wait_for_backlog(pending, int(cfg.get("max_steps_in_flight", 2)))
+                wait_for_backlog(pending, in_flight)
                 is_log = cfg.log_every > 0 and step % cfg.log_every == 0
                 is_eval = cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < num_steps
                 is_ckpt = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
