@@ -60,6 +60,9 @@ class Preempted(SystemExit):
         self.step = step
 
 
+MAX_STEPS_IN_FLIGHT = 2     # default bound on dispatch run-ahead (module docstring)
+
+
 def default_loop_config(**overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(dict(
         num_steps=1000,
@@ -71,7 +74,7 @@ def default_loop_config(**overrides) -> ml_collections.ConfigDict:
         select_metric="",         # e.g. 'val_macro_f1': keep the best params in stage_dir/best
         select_mode="max",
         inject_nan_at_step=-1,    # test hook: the batch of this step (1-based) is set to NaN
-        max_steps_in_flight=2,    # dispatched steps not yet computed; 0 = unbounded
+        max_steps_in_flight=MAX_STEPS_IN_FLIGHT,  # steps dispatched, not computed; 0 = no bound
     ))
     cfg.update(overrides)
     return cfg
@@ -152,7 +155,7 @@ def train_loop(*, stage_dir, cfg, state: TrainState, train_step: Callable,
     schedule: used to test that stopping and resuming equals an uninterrupted run.
     """
     t_start = time.time()
-    in_flight = int(cfg.get("max_steps_in_flight", 2))
+    in_flight = int(cfg.get("max_steps_in_flight", MAX_STEPS_IN_FLIGHT))
     if in_flight < 0:
         raise ValueError(f"{name}: config loop.max_steps_in_flight={in_flight}: expected >= 0 "
                          "(0 = unbounded)")
