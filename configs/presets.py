@@ -10,7 +10,10 @@ def _defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         vit=dict(image_size=32, patch_size=4, num_channels=3, hidden_size=64,
                  intermediate_size=128, num_layers=2, num_heads=4, layer_norm_eps=1e-6,
-                 feature_layer=-1,      # output of this block (HF hidden_states index), pre-norm
+                 # output of this block (HF hidden_states index), pre-norm; or a list of
+                 # them, concatenated (HF vision_feature_layer list): any type, so an override
+                 # may give either, e.g. --config.model.vit.feature_layer="(0,-1)"
+                 feature_layer=ml_collections.FieldReference(-1, field_type=object),
                  stem="patch",          # patch (SigLIP patch conv) | conv (conv stem, no export)
                  stem_depth=1,          # stem='conv': 3x3 convs per stem stage (1 + residuals)
                  drop_path_rate=0.0),   # stochastic depth at the last block (stage-1 training)

@@ -289,8 +289,10 @@ def test_import_llama_and_siglip(tmp_path, capsys, tokenizer_dir):
     assert logits.shape == (1, n + 3, 384) and np.isfinite(np.asarray(logits)).all()
 
 
-def test_import_llava_export_round_trip_is_exact(tmp_path):
+@pytest.mark.parametrize("feature_layer", [-2, (0, -1)])
+def test_import_llava_export_round_trip_is_exact(tmp_path, feature_layer):
     cfg = tiny_cfg()
+    cfg.vit.feature_layer = feature_layer
     params = random_params(cfg, seed=9)
     to_hf.export(params, cfg, str(tmp_path / "hf"))
     got, gcfg, info = from_hf.import_pretrained(presets.model_config("tiny"),
@@ -300,6 +302,8 @@ def test_import_llava_export_round_trip_is_exact(tmp_path):
         assert gcfg[sec].to_dict() == cfg[sec].to_dict()
     assert gcfg.image_token_id == cfg.image_token_id
     jax.tree.map(np.testing.assert_array_equal, got, params)
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())["vision_feature_layer"]
+    assert written == (list(feature_layer) if isinstance(feature_layer, tuple) else feature_layer)
 
 
 def test_import_refusals_are_clear(tmp_path, capsys):
@@ -320,6 +324,14 @@ def test_import_refusals_are_clear(tmp_path, capsys):
     transformers.CLIPVisionModel(cc).save_pretrained(tmp_path / "clip")
     with pytest.raises(from_hf.ImportHFError, match="clip_vision_model.*only SigLIP"):
         from_hf.import_pretrained(presets.model_config("tiny"), vision=str(tmp_path / "clip"))
+    to_hf.export(random_params(tiny_cfg()), tiny_cfg(), str(tmp_path / "llava"))
+    conf = json.loads((tmp_path / "llava" / "config.json").read_text())
+    for bad in ([], ["-1"], "last"):
+        (tmp_path / "llava" / "config.json").write_text(
+            json.dumps(dict(conf, vision_feature_layer=bad)))
+        with pytest.raises(from_hf.ImportHFError, match=r"config.json: vision_feature_layer="
+                           r".*a layer index or a non-empty list"):
+            from_hf.import_pretrained(presets.model_config("tiny"), llava=str(tmp_path / "llava"))
     with pytest.raises(from_hf.ImportHFError, match="not a local directory"):
         from_hf.import_pretrained(presets.model_config("tiny"), lm="meta-llama/Llama-2-7b")
 

@@ -60,11 +60,15 @@ def test_siglip_vision_parity():
                  output_hidden_states=True)
     hs = [h.numpy() for h in out.hidden_states]
     pooled_ref = out.last_hidden_state.numpy().mean(1)
-    for scan, fl in ((False, -2), (False, 0), (True, -1), (True, 1)):
+    for scan, fl in ((False, -2), (False, 0), (True, -1), (True, 1), (False, (0, -1)),
+                     (True, (2, 0, -2)), (True, (-1, -1))):
         c = cfg_for_parity(**{"vit.feature_layer": fl, "scan_layers": scan})
         p = hf_weights.tower_from_hf(sd, "vision", c)
         feats, pooled = jax.jit(VisionTransformer(c).apply)({"params": p}, images)
-        assert np.abs(np.asarray(feats) - hs[fl]).max() < TOL, (scan, fl)
+        # A list of layers: HF's hidden states concatenated in list order (Llava's hs_pool).
+        want = np.concatenate([hs[k] for k in fl], -1) if isinstance(fl, tuple) else hs[fl]
+        assert feats.shape == want.shape and np.abs(np.asarray(feats) - want).max() < TOL, \
+            (scan, fl)
         assert np.abs(np.asarray(pooled) - pooled_ref).max() < TOL
     # Stage-1 'mean_max' pooling: [mean, max] over HF's post-layernorm tokens.
     p = hf_weights.tower_from_hf(sd, "vision", cfg)
@@ -231,8 +235,11 @@ def test_llama_parity(tie):
     assert set(back) == {k for k in sd if not (tie and k == "lm_head.weight")}
 
 
-def test_llava_parity_and_layouts():
-    cfg = cfg_for_parity()
+@pytest.mark.parametrize("feature_layer", [-2, (0, -1)])
+def test_llava_parity_and_layouts(feature_layer):
+    """transformers' Llava and ours agree, also with a list of vision feature layers (the
+    projector reads their concatenation: HF vision_feature_layer as a list)."""
+    cfg = cfg_for_parity(**{"vit.feature_layer": feature_layer})
     vc, tc, kw = hf_models(cfg)
     lc = transformers.LlavaConfig(vision_config=vc, text_config=tc, **kw["llava"])
     lc._attn_implementation = "eager"
@@ -270,7 +277,7 @@ def test_llava_parity_and_layouts():
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  again, params)
     # A scanned model imports the same weights and gives the same logits.
-    scfg = cfg_for_parity(scan_layers=True)
+    scfg = cfg_for_parity(scan_layers=True, **{"vit.feature_layer": feature_layer})
     sparams = hf_weights.from_hf(classic, scfg)
     sgot = np.asarray(jax.jit(WamGLM(scfg).apply)({"params": sparams}, images, tokens, mask))
     assert np.abs(sgot - ref).max() < TOL

@@ -297,9 +297,10 @@ def test_bf16_compute_is_close(cfg, params):
 
 
 def test_bad_config_errors():
-    with pytest.raises(ValueError, match="feature_layer"):
-        VisionTransformer(small_cfg(**{"vit.feature_layer": -5})).init(
-            jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
+    for bad in (-5, (0, 3), (), "last", (0, 1.5), True):
+        with pytest.raises(ValueError, match="config.model.vit.feature_layer="):
+            VisionTransformer(small_cfg(**{"vit.feature_layer": bad})).init(
+                jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
         num_image_tokens(small_cfg(**{"vit.image_size": 18}))
     with pytest.raises(ValueError, match="num_kv_heads"):

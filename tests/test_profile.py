@@ -36,8 +36,9 @@ def independent_stage2_flops(cfg, b, t):
         jax.random.key(0), jnp.zeros((1, cfg.vit.image_size, cfg.vit.image_size, 3)),
         jnp.full((1, n), cfg.image_token_id), jnp.ones((1, n)))["params"]))
     k = kernels(shapes)
-    last_used = cfg.vit.num_layers + cfg.vit.feature_layer if cfg.vit.feature_layer < 0 \
-        else cfg.vit.feature_layer - 1
+    fl = cfg.vit.feature_layer
+    last_used = max(cfg.vit.num_layers + f if f < 0 else f - 1
+                    for f in (fl if isinstance(fl, tuple) else (fl,)))
     total = 0
     for path, shape in k.items():
         w = math.prod(shape)
@@ -74,6 +75,15 @@ def test_profile_step_stage2_tiny(tmp_path, capsys):
     assert 0.5 < res["analytic_over_xla"] < 1.5
     assert res["peak_tflops_per_device"] > 0 and 0 < res["mfu"] < 1
     assert any(f.endswith(".xplane.pb") for _, _, fs in os.walk(trace) for f in fs)
+
+
+@pytest.mark.parametrize("feature_layer", [-2, 0, (0, -3), (1, 0)])
+def test_stage2_analytic_flops_with_feature_layers(feature_layer):
+    """Blocks past the deepest feature layer are not counted; the projector reads K*Dv wide."""
+    cfg = presets.model_config("tiny")
+    cfg.vit.num_layers, cfg.vit.feature_layer = 3, feature_layer
+    got = profile_step.analytic_flops(cfg, stage="stage2", batch=4, seq_len=80)["total"]
+    assert got == independent_stage2_flops(cfg, 4, 80)
 
 
 @pytest.mark.parametrize("stem,depth", [("patch", 1), ("conv", 1), ("conv", 3)])

@@ -18,7 +18,7 @@ Analytic FLOPs per step (maxtext convention: a matmul [m,k]x[k,n] is 2mkn FLOPs;
     patch embedding 2*N*(P*P*C)*Dv
     per block: q,k,v,o 2*N*4*Dv^2 + MLP 2*N*2*Dv*Iv
                + attention (QK^T and PV, bidirectional) 4*N^2*Dv
-  projector, per image: 2*N*(Dv*D + D*D)
+  projector, per image: 2*N*(K*Dv*D + D*D), K feature layers (vit.feature_layer a list)
   LM, per sequence of T tokens, width D, H heads, Hkv kv heads, head dim hd, MLP I, vocab V:
     per layer: q,o 2*T*2*D*H*hd + k,v 2*T*2*D*Hkv*hd + SwiGLU 2*T*3*D*I
                + causal attention 4*T^2*H*hd / 2 (half the score matrix is useful)
@@ -63,14 +63,14 @@ def peak_tflops(device, dtype: str, cores: int | None = None) -> tuple[float, st
 
 # ----------------------------------------------------------------------------- FLOPs
 def vit_blocks_computed(model_cfg, stage: str) -> int:
-    from wamglm_jax.models.vit import feature_block
-    return model_cfg.vit.num_layers if stage == "stage1" else feature_block(model_cfg) + 1
+    from wamglm_jax.models.vit import feature_blocks
+    return model_cfg.vit.num_layers if stage == "stage1" else max(feature_blocks(model_cfg)) + 1
 
 
 def analytic_flops(model_cfg, *, stage: str, batch: int, seq_len: int = 0,
                    num_classes: int = 0, proj_dim: int = 256, views: int = 3) -> dict:
     """Training FLOPs per step (see the module docstring), term by term."""
-    from wamglm_jax.models.vit import stem_depth, stem_kind, stem_widths
+    from wamglm_jax.models.vit import feature_dim, stem_depth, stem_kind, stem_widths
     v, lm = model_cfg.vit, model_cfg.lm
     s, p, c, dv, iv = v.image_size, v.patch_size, v.num_channels, v.hidden_size, \
         v.intermediate_size
@@ -93,7 +93,7 @@ def analytic_flops(model_cfg, *, stage: str, batch: int, seq_len: int = 0,
     else:
         d, h, hkv, hd, i, vocab, t = (lm.hidden_size, lm.num_heads, lm.num_kv_heads, lm.head_dim,
                                       lm.intermediate_size, lm.vocab_size, seq_len)
-        fwd["projector"] = images * 2 * n * (dv * d + d * d)
+        fwd["projector"] = images * 2 * n * (feature_dim(model_cfg) * d + d * d)
         fwd["lm_dense"] = batch * lm.num_layers * (2 * t * 2 * d * h * hd + 2 * t * 2 * d * hkv * hd
                                                     + 2 * t * 3 * d * i)
         fwd["lm_attention_causal"] = batch * lm.num_layers * 4 * t * t * h * hd // 2

@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from wamglm_jax.export import hf_weights
+from wamglm_jax.models.vit import feature_blocks, set_feature_layer
 
 
 class ImportHFError(ValueError):
@@ -159,11 +160,13 @@ def model_config_from_hf(base_cfg, *, llava: dict | None = None, vision: dict | 
         if llava.get("projector_hidden_act", "gelu") != "gelu":
             raise ImportHFError(f"{where[0]}: projector_hidden_act must be 'gelu'")
         fl = llava.get("vision_feature_layer", -2)
-        if not isinstance(fl, int):
-            raise ImportHFError(f"{where[0]}: vision_feature_layer={fl!r}; one layer index "
-                                "expected")
+        if not (isinstance(fl, int) or isinstance(fl, list) and fl
+                and all(isinstance(k, int) for k in fl)):
+            raise ImportHFError(f"{os.path.join(where[0], 'config.json')}: vision_feature_layer="
+                                f"{fl!r}; a layer index or a "
+                                "non-empty list of them expected")
         vision, lm = _vision_config_of(llava), _text_config_of(llava)
-        cfg.vit.feature_layer = fl
+        set_feature_layer(cfg, fl)
         cfg.image_token_id = int(llava.get("image_token_id", llava.get("image_token_index")))
     if vision is not None:
         cfg.vit.update(vision_fields(_vision_config_of(vision),
@@ -171,8 +174,7 @@ def model_config_from_hf(base_cfg, *, llava: dict | None = None, vision: dict | 
     if lm is not None:
         cfg.lm.update(lm_fields(_text_config_of(lm), where[2] if llava is None else where[0],
                                 base_cfg.lm.max_seq_len))
-    from wamglm_jax.models.vit import feature_block
-    feature_block(cfg)           # feature_layer still valid for the new depth
+    feature_blocks(cfg)          # feature_layer still valid for the new depth
     return cfg
 
 

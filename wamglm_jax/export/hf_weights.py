@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wamglm_jax.models.layers import stack_layers, unstack_layers
-from wamglm_jax.models.vit import stem_kind
+from wamglm_jax.models.vit import feature_layers, stem_kind
 
 TOWERS = ("vision", "projector", "lm")
 _PREFIX = {
@@ -244,6 +244,12 @@ def from_hf(state_dict, cfg):
     return {t: tower_from_hf(towers[t], t, cfg, shapes) for t in TOWERS}
 
 
+def _hf_feature_layer(cfg):
+    """HF vision_feature_layer: the int for one layer (what every loader reads), else a list."""
+    layers = feature_layers(cfg)
+    return layers[0] if len(layers) == 1 else list(layers)
+
+
 def hf_config_kwargs(cfg) -> dict:
     """Keyword arguments for transformers SiglipVisionConfig / LlamaConfig / LlavaConfig that
     describe the same architecture as config.model `cfg`."""
@@ -266,6 +272,7 @@ def hf_config_kwargs(cfg) -> dict:
     n = (v.image_size // v.patch_size) ** 2
     llava = dict(image_token_index=cfg.image_token_id, image_seq_length=n,
                  projector_hidden_act=cfg.projector.hidden_act,
-                 vision_feature_layer=v.feature_layer, vision_feature_select_strategy="full",
+                 vision_feature_layer=_hf_feature_layer(cfg),
+                 vision_feature_select_strategy="full",
                  multimodal_projector_bias=True, tie_word_embeddings=lm.tie_embeddings)
     return dict(vision=vision, text=text, llava=llava)

@@ -9,7 +9,9 @@ The directory holds
   (shared/FACTS.md, "The serving format"): SigLIP vision_config with vision_use_head=False and
   gelu_pytorch_tanh, Llama text_config with `architectures` and `rope_theta` next to
   `rope_parameters`, image_token_index/image_token_id, image_seq_length, projector "gelu"
-  (exact), vision_feature_layer = config.model.vit.feature_layer, select strategy "full",
+  (exact), vision_feature_layer = config.model.vit.feature_layer (an int; a list when the
+  projector reads several layers, which transformers concatenates as we do), select strategy
+  "full",
   multimodal_projector_bias, tie_word_embeddings.
 - model.safetensors (sharded with an index above max_shard_bytes, 5 GiB): classic weight
   names (`vision_tower.vision_model.*`,
@@ -60,7 +62,7 @@ def hf_config(cfg, *, bos_id=None, eos_id=None, pad_id=None) -> dict:
     d = lc.to_dict()
     d["architectures"] = ["LlavaForConditionalGeneration"]
     d["image_token_index"] = d["image_token_id"] = int(cfg.image_token_id)
-    d["vision_feature_layer"] = int(cfg.vit.feature_layer)
+    d["vision_feature_layer"] = kw["llava"]["vision_feature_layer"]
     d["vision_feature_select_strategy"] = "full"
     d["multimodal_projector_bias"] = True
     d["projector_hidden_act"] = "gelu"

@@ -5,9 +5,10 @@
     -> post_layernorm.
 
 Returns (features, pooled):
-    features float[B,N,Dv] = HF `hidden_states[vit.feature_layer]` (hidden_states[0] is the
+    features float[B,N,K*Dv] = HF `hidden_states[vit.feature_layer]` (hidden_states[0] is the
         embedding output, -1 the last block), taken BEFORE post_layernorm (what Llava feeds its
-        projector);
+        projector); with a list of K layers (HF `vision_feature_layer` as a list, as Granite
+        Vision uses it), their hidden states concatenated on the last axis in list order;
     pooled float[B,Dv] = mean over the N tokens of post_layernorm(last block output) (stage 1);
         with pooling='mean_max', float[B,2Dv] = [mean, max] over the tokens (a pattern that
         covers a few tokens, a thin scratch, is not averaged away). Pooling has no parameters
@@ -24,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from wamglm_jax.models.layers import (DenseND, LayerNorm, compute_dtype, constrain, maybe_remat,
                                       scan_stack)
@@ -39,14 +41,41 @@ def num_patches(cfg) -> int:
     return (s // p) ** 2
 
 
-def feature_block(cfg) -> int:
-    """0-based index of the block whose output is `features` (-1 = the embeddings)."""
-    n, f = cfg.vit.num_layers, cfg.vit.feature_layer
-    k = f + n + 1 if f < 0 else f         # HF hidden_states index, 0..n
-    if not 0 <= k <= n:
-        raise ValueError(f"config.model.vit.feature_layer={f} out of range for "
-                         f"num_layers={n} (valid: {-(n + 1)}..{n})")
-    return k - 1
+def feature_layers(cfg) -> tuple[int, ...]:
+    """config.model.vit.feature_layer as a tuple of HF hidden_states indices (an int, or a
+    non-empty list/tuple of ints, as HF `vision_feature_layer` takes it)."""
+    f = cfg.vit.feature_layer
+    layers = (f,) if isinstance(f, int) else tuple(f) if isinstance(f, (list, tuple)) else None
+    if not layers or not all(isinstance(k, int) and not isinstance(k, bool) for k in layers):
+        raise ValueError(f"config.model.vit.feature_layer={f!r}: expected a layer index or a "
+                         "non-empty list of layer indices (HF hidden_states indices)")
+    return layers
+
+
+def set_feature_layer(cfg, layer) -> None:
+    """Sets config.model.vit.feature_layer to an int or a list of ints whatever type the field
+    had (a config rebuilt from JSON types it by its saved value)."""
+    cfg.vit.feature_layer = ml_collections.FieldReference(
+        tuple(layer) if isinstance(layer, (list, tuple)) else layer, field_type=object)
+    feature_layers(cfg)
+
+
+def feature_blocks(cfg) -> tuple[int, ...]:
+    """0-based indices of the blocks whose outputs make `features` (-1 = the embeddings), in
+    config order."""
+    n, out = cfg.vit.num_layers, []
+    for f in feature_layers(cfg):
+        k = f + n + 1 if f < 0 else f         # HF hidden_states index, 0..n
+        if not 0 <= k <= n:
+            raise ValueError(f"config.model.vit.feature_layer={cfg.vit.feature_layer!r}: layer "
+                             f"{f} out of range for num_layers={n} (valid: {-(n + 1)}..{n})")
+        out.append(k - 1)
+    return tuple(out)
+
+
+def feature_dim(cfg) -> int:
+    """Dv times the number of feature layers: the projector's input width."""
+    return cfg.vit.hidden_size * len(feature_layers(cfg))
 
 
 class SiglipAttention(nn.Module):
@@ -97,8 +126,8 @@ def drop_path_rate(cfg) -> float:
 
 
 class EncoderLayer(nn.Module):
-    """One pre-LN block. Scan-compatible: (carry=(x, feat), layer_idx) -> ((x, feat), None);
-    feat is replaced by this block's output when layer_idx == feature block.
+    """One pre-LN block. Scan-compatible: (carry=(x, feats), layer_idx) -> ((x, feats), None);
+    feats[j] is replaced by this block's output when layer_idx == feat_blocks[j].
 
     Stochastic depth (Huang et al. 2016; as DeiT/timm): in training (`deterministic=False`)
     each residual branch of block i is dropped per example with probability
@@ -106,7 +135,7 @@ class EncoderLayer(nn.Module):
     are scaled by 1 / keep, so evaluation uses the full network. Needs a 'dropout' rng."""
     cfg: Any
     dtype: Any
-    feat_block: int
+    feat_blocks: tuple
     deterministic: bool = True
 
     def _drop_path(self, h, layer_idx):                      # h float[B,N,Dv]
@@ -120,7 +149,7 @@ class EncoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, carry, layer_idx):
-        x, feat = carry
+        x, feats = carry
         eps = self.cfg.vit.layer_norm_eps
         h = SiglipAttention(self.cfg, self.dtype, name="self_attn")(
             LayerNorm(eps, self.dtype, name="layer_norm1")(x))
@@ -128,9 +157,9 @@ class EncoderLayer(nn.Module):
         h = SiglipMLP(self.cfg, self.dtype, name="mlp")(
             LayerNorm(eps, self.dtype, name="layer_norm2")(x))
         x = constrain(x + self._drop_path(h, layer_idx), ACT)
-        if feat is not None:
-            feat = jnp.where(layer_idx == self.feat_block, x, feat)
-        return (x, feat), None
+        if feats is not None:
+            feats = tuple(jnp.where(layer_idx == b, x, f) for b, f in zip(self.feat_blocks, feats))
+        return (x, feats), None
 
 
 class Encoder(nn.Module):
@@ -139,22 +168,22 @@ class Encoder(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x):                 # x: embeddings float[B,N,Dv] -> (last, features)
+    def __call__(self, x):
+        """x: embeddings float[B,N,Dv] -> (last float[B,N,Dv], features float[B,N,K*Dv])."""
         cfg = self.cfg
-        n, fb = cfg.vit.num_layers, feature_block(cfg)
+        n, fbs = cfg.vit.num_layers, feature_blocks(cfg)
         block = maybe_remat(EncoderLayer, cfg.remat, cfg.scan_layers)
         if cfg.scan_layers:
-            stack = scan_stack(block, n, in_axes=(0,))(cfg, self.dtype, fb, self.deterministic,
+            stack = scan_stack(block, n, in_axes=(0,))(cfg, self.dtype, fbs, self.deterministic,
                                                        name="layers")
-            (x, feat), _ = stack((x, x), jnp.arange(n))     # feat starts as the embeddings
-            return x, feat
-        feat = x
-        for i in range(n):
-            (x, _), _ = block(cfg, self.dtype, fb, self.deterministic, name=f"layers_{i}")(
-                (x, None), i)
-            if i == fb:
-                feat = x
-        return x, feat
+            (x, feats), _ = stack((x, (x,) * len(fbs)), jnp.arange(n))  # start: embeddings
+        else:
+            feats = [x] * len(fbs)
+            for i in range(n):
+                (x, _), _ = block(cfg, self.dtype, fbs, self.deterministic,
+                                  name=f"layers_{i}")((x, None), i)
+                feats = [x if b == i else f for b, f in zip(fbs, feats)]
+        return x, feats[0] if len(feats) == 1 else jnp.concatenate(feats, axis=-1)
 
 
 POOLINGS = ("mean", "mean_max")
