@@ -22,8 +22,9 @@ def _records(items, answer_fn):
         for t, kind, want, _ in qa_eval.turn_prompts(it):
             text = answer_fn(it, t, kind)
             parsed = parse_answer(kind, text)
-            recs.append(dict(id=it["id"], turn=t, kind=kind, correct=qa_eval.score(
-                kind, parsed, want, text), heldout=it["heldout"]))
+            recs.append(dict(id=it["id"], turn=t, kind=kind, expected=want, parsed=parsed,
+                             correct=qa_eval.score(kind, parsed, want, text),
+                             heldout=it["heldout"]))
     return recs
 
 
@@ -101,6 +102,39 @@ def test_lm_loss_matches_numpy():
     assert int(n) == 4
 
 
+def test_count_diagnostics_by_hand():
+    def rec(kind, parsed, expected, correct=False):
+        return dict(id="d", turn=1, kind=kind, parsed=parsed, expected=expected,
+                    correct=correct, heldout=False)
+    recs = [
+        # N copied, share 50/500 = 0.1 vs 0.1: within; |50-50|/50 = 0
+        rec("count", {"failing": 50, "total": 500}, {"failing": 50, "total": 500}, True),
+        # N wrong (400), share 50/400 = 0.125 vs 0.1: 25% off; |50-50| = 0 though
+        rec("count", {"failing": 50, "total": 400}, {"failing": 50, "total": 500}, True),
+        # N copied, share 12/1000 vs 10/1000: 20% off; rel error 0.2
+        rec("count", {"failing": 12, "total": 1000}, {"failing": 10, "total": 1000}),
+        # failing only (no N): not in the share, rel error |300-200|/200 = 0.5
+        rec("count", {"failing": 300, "total": None}, {"failing": 200, "total": 900}),
+        # unparseable
+        rec("count", None, {"failing": 150, "total": 900}),
+        rec("yield", {"yield_pct": 90.0}, {"yield_pct": 92.5}),
+        rec("yield", {"yield_pct": 80.0}, {"yield_pct": 79.0}),
+        rec("yield", {"yield_pct": None}, {"yield_pct": 79.0}),
+    ]
+    d = qa_eval.count_diagnostics(recs)
+    assert d["n_count_answers"] == 5
+    assert d["die_count_copied"] == pytest.approx(2 / 5)        # a missing N is not a copy
+    assert d["n_share"] == 3 and d["share_within_tol"] == pytest.approx(1 / 3)
+    assert d["median_rel_error"] == pytest.approx(0.1)          # median of 0, 0, 0.2, 0.5
+    assert d["by_failing"] == {"0-19": {"accuracy": 0.0, "n": 1},
+                               "20-99": {"accuracy": 1.0, "n": 2},
+                               ">=100": {"accuracy": 0.0, "n": 2}}
+    assert d["n_yield"] == 2 and d["yield_median_abs_error"] == pytest.approx(1.75)
+    assert qa_eval.summarize(recs)["count_diagnostics"] == d
+    empty = qa_eval.count_diagnostics([])
+    assert empty["die_count_copied"] is None and empty["median_rel_error"] is None
+
+
 def test_report_markdown_lists_every_kind(data):
     from wamglm_jax.train.stage2 import report_markdown
     _, items = data
@@ -112,6 +146,9 @@ def test_report_markdown_lists_every_kind(data):
                   qa=s["by_kind"], qa_summary={k: v for k, v in s.items() if k != "by_kind"},
                   baseline=None, plot="/x/qa.png", examples=[])
     md = report_markdown(report)
+    cd = s["count_diagnostics"]
+    assert f"Failing-die counts ({cd['n_count_answers']} answers): die count copied from the " \
+        f"context line {100 * cd['die_count_copied']:.1f}%" in md
     for kind, v in s["by_kind"].items():
         assert f"| {kind} | {100 * v['accuracy']:.1f}% | {v['n']} |" in md
         # training / held-out phrasing columns, recounted from the records

@@ -19,7 +19,8 @@ and compared with the answer key by `score`:
                                 carries the lot context line, qa.dialogues.context_line)
 
 `summarize(records)` gives accuracy per kind, whole-dialogue accuracy (all turns right), and
-the same split by `heldout` (held-out phrasings/orders vs training ones).
+the same split by `heldout` (held-out phrasings/orders vs training ones), plus
+`count_diagnostics`: where failing-die count answers go wrong (see its docstring).
 """
 from __future__ import annotations
 
@@ -138,7 +139,8 @@ def generate_answers(generator, tok, items: Sequence[dict], images: Callable[[in
 
 def summarize(records: Sequence[dict]) -> dict:
     """{'by_kind': {kind: {accuracy, n}}, 'dialogue_accuracy', 'turn_accuracy', 'n_dialogues',
-    'heldout': {...same for held-out items}, 'seen': {...training phrasings}}."""
+    'count_diagnostics', 'heldout': {...same for held-out items}, 'seen': {...training
+    phrasings}}."""
     def part(recs):
         by = defaultdict(list)
         dlg = defaultdict(list)
@@ -153,6 +155,7 @@ def summarize(records: Sequence[dict]) -> dict:
                 "n_dialogues": len(dlg), "n_turns": len(recs)}
 
     out = part(records)
+    out["count_diagnostics"] = count_diagnostics(records)
     out["heldout"] = part([r for r in records if r["heldout"]])
     out["seen"] = part([r for r in records if not r["heldout"]])
     # kinds listed in NOT_FROM_INPUTS (none now: `batch` gets the lot context line) are left
@@ -162,6 +165,56 @@ def summarize(records: Sequence[dict]) -> dict:
                          "turn_accuracy": ans["turn_accuracy"],
                          "dialogue_accuracy": ans["dialogue_accuracy"]}
     return out
+
+
+COUNT_SIZE_BINS = ((0, 20), (20, 100), (100, None))   # failing dies in the answer key
+
+
+def count_diagnostics(records: Sequence[dict]) -> dict:
+    """Where failing-die count answers ("F of the N dies fail.") go wrong. A count is the
+    failing share (in the image) times the die count (in the context line), so:
+
+      die_count_copied      share of count answers whose N equals the context line's
+      share_within_tol      share whose implied failing share F/N is within COUNT_REL_TOL
+                            (relative) of the true one: the image reading, apart from the
+                            copy (answers with both numbers and a nonzero true count)
+      median_rel_error      median |F - F_true| / F_true over answers with a number
+      by_failing            count accuracy by the true failing-die count (COUNT_SIZE_BINS:
+                            at 10%, a count under 20 must be exact to a die or two)
+      yield_median_abs_error  median |yield - yield_true| in points over the yield answers
+
+    Fractions are over the answers each needs (n_* give the denominators); None when empty.
+    Records without `expected` (the template baseline's) are skipped."""
+    records = [r for r in records if "expected" in r]
+    counts = [r for r in records if r["kind"] == "count"]
+    parsed = [(r.get("parsed") or {}, r["expected"]) for r in counts]
+    with_n = [(p, e) for p, e in parsed if p.get("total") is not None]
+    both = [(p, e) for p, e in with_n if p.get("failing") is not None and p["total"] > 0
+            and e["failing"] > 0]
+    with_f = [(p, e) for p, e in parsed if p.get("failing") is not None and e["failing"] > 0]
+    yields = [abs(r["parsed"]["yield_pct"] - r["expected"]["yield_pct"]) for r in records
+              if r["kind"] == "yield" and (r.get("parsed") or {}).get("yield_pct") is not None]
+
+    def frac(xs):
+        return float(np.mean(xs)) if len(xs) else None
+
+    bins = {}
+    for lo, hi in COUNT_SIZE_BINS:
+        sel = [r["correct"] for r in counts
+               if r["expected"]["failing"] >= lo and (hi is None or r["expected"]["failing"] < hi)]
+        bins[f"{lo}-{hi - 1}" if hi else f">={lo}"] = {"accuracy": frac(sel), "n": len(sel)}
+    return {
+        "n_count_answers": len(counts),
+        "die_count_copied": frac([p.get("total") == e["total"] for p, e in parsed]),
+        "share_within_tol": frac([abs(p["failing"] / p["total"] - e["failing"] / e["total"])
+                                  <= COUNT_REL_TOL * e["failing"] / e["total"] for p, e in both]),
+        "n_share": len(both),
+        "median_rel_error": float(np.median([abs(p["failing"] - e["failing"]) / e["failing"]
+                                             for p, e in with_f])) if with_f else None,
+        "by_failing": bins,
+        "yield_median_abs_error": float(np.median(yields)) if yields else None,
+        "n_yield": len(yields),
+    }
 
 
 def example_dialogues(records: Sequence[dict], items: Sequence[dict], n: int = 3) -> list[dict]:

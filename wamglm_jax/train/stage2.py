@@ -621,6 +621,16 @@ def report_markdown(r: dict) -> str:
         split = f" ({cell(bseen, k)} / {cell(bho, k)})" if k in bseen or k in bho else ""
         lines.append(f"| {k} | {_pct(v['accuracy'])} | {v['n']} | {cell(seen, k)} | "
                      f"{cell(ho, k)} | {cell(base, k)}{split} |")
+    cd = r["qa_summary"].get("count_diagnostics") or {}
+    if cd.get("n_count_answers"):
+        bins = ", ".join(f"{k} failing: {_pct(v['accuracy'])} (n={v['n']})"
+                         for k, v in cd["by_failing"].items() if v["n"])
+        med = cd["median_rel_error"]
+        lines += ["", f"Failing-die counts ({cd['n_count_answers']} answers): die count copied "
+                      f"from the context line {_pct(cd['die_count_copied'])}; implied failing "
+                      f"share within 10% {_pct(cd['share_within_tol'])}; median relative error "
+                      f"{'n/a' if med is None else f'{100 * med:.1f}%'}; within tolerance by "
+                      f"true count: {bins}."]
     if r.get("baseline") and "classifier_accuracy" in r["baseline"]:
         lines += ["", f"Baseline classifier accuracy on these maps: "
                       f"{_pct(r['baseline']['classifier_accuracy'])} "
