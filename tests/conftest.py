@@ -30,3 +30,29 @@ def _session_tempdir(tmp_path_factory):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end tests (run in CI too)")
+
+
+@pytest.fixture(scope="session")
+def tiny_stage2_run(tmp_path_factory):
+    """A tiny stage-2 run directory (no stage 1: random tower) trained for a few steps; shared
+    by the tools that read one (chat, probe_share)."""
+    from configs import quickstart
+    from wamglm_jax.parallel import sharding as shd
+    from wamglm_jax.parallel.mesh import make_mesh
+    from wamglm_jax.train import stage2
+    wd = tmp_path_factory.mktemp("chat_run")
+    config = quickstart.get_config("ci")
+    config.stages = ("stage2",)
+    config.model.vit.image_size = 16
+    config.data.num_train, config.data.num_val, config.data.num_test = 48, 8, 8
+    config.stage2.init_vision_from_stage1 = False
+    config.stage2.loop.num_steps = 3
+    config.stage2.loop.log_every = 3
+    config.stage2.eval.num_maps = 2
+    config.stage2.eval.max_new_tokens = 8
+    config.stage2.eval.baseline = False
+    mesh = make_mesh(config.mesh)
+    with shd.activate(mesh, shd.rules_from_config(config)):
+        report = stage2.run(config, str(wd), mesh)
+    assert report["steps"] == 3 and "qa" in report
+    return wd

@@ -8,37 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from configs import quickstart
-from wamglm_jax.parallel import sharding as shd
-from wamglm_jax.parallel.mesh import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A tiny stage-2 checkpoint (no stage 1: random tower) trained for a few steps."""
-    from wamglm_jax.train import stage2
-    wd = tmp_path_factory.mktemp("chat_run")
-    config = quickstart.get_config("ci")
-    config.stages = ("stage2",)
-    config.model.vit.image_size = 16
-    config.data.num_train, config.data.num_val, config.data.num_test = 48, 8, 8
-    config.stage2.init_vision_from_stage1 = False
-    config.stage2.loop.num_steps = 3
-    config.stage2.loop.log_every = 3
-    config.stage2.eval.num_maps = 2
-    config.stage2.eval.max_new_tokens = 8
-    config.stage2.eval.baseline = False
-    mesh = make_mesh(config.mesh)
-    with shd.activate(mesh, shd.rules_from_config(config)):
-        report = stage2.run(config, str(wd), mesh)
-    assert report["steps"] == 3 and "qa" in report
-    return wd
-
-
 @pytest.mark.slow
-def test_chat_script_answers_each_question(run_dir, tmp_path):
+def test_chat_script_answers_each_question(tiny_stage2_run, tmp_path):
     m = np.ones((12, 12), np.uint8)
     m[0, 0] = m[0, -1] = m[-1, 0] = m[-1, -1] = 0
     m[5:7, 5:7] = 2
@@ -46,26 +21,26 @@ def test_chat_script_answers_each_question(run_dir, tmp_path):
     np.save(path, m)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run(
-        [sys.executable, "-m", "tools.chat", f"--workdir={run_dir}", f"--map={path}",
+        [sys.executable, "-m", "tools.chat", f"--workdir={tiny_stage2_run}", f"--map={path}",
          "--question=What defect pattern is on this wafer?", "--question=Why?",
          "--max_new_tokens=6"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     answers = [ln for ln in out.stdout.splitlines() if ln.startswith("A: ")]
     assert len(answers) == 2, out.stdout
     assert "XX" in out.stdout            # the map was printed (failing block)
-    bad = subprocess.run([sys.executable, "-m", "tools.chat", f"--workdir={run_dir}",
+    bad = subprocess.run([sys.executable, "-m", "tools.chat", f"--workdir={tiny_stage2_run}",
                           f"--map={tmp_path / 'missing.npy'}", "--question=hi"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "missing.npy" in (bad.stderr + bad.stdout)
 
 
-def test_chat_session_drops_oldest_pairs_keeps_image(run_dir):
+def test_chat_session_drops_oldest_pairs_keeps_image(tiny_stage2_run):
     from wamglm_jax.inference.chat import ChatSession, ContextLengthError
     from wamglm_jax.inference.generate import GenerationConfig, Generator
     from wamglm_jax.qa.encode import encode_prompt
     from wamglm_jax.train.stage2 import load_for_inference
 
-    cfg, params, tok = load_for_inference(run_dir)
+    cfg, params, tok = load_for_inference(tiny_stage2_run)
     gen = Generator(cfg, params)
     n = (cfg.vit.image_size // cfg.vit.patch_size) ** 2
     img = np.zeros((cfg.vit.image_size,) * 2 + (3,), np.float32)
@@ -97,7 +72,7 @@ def test_chat_session_drops_oldest_pairs_keeps_image(run_dir):
         ChatSession(gen, tok, img, gen=g, max_context=n + 4).ask(q)
 
 
-def test_chat_first_turn_carries_the_context_lines(run_dir, tmp_path):
+def test_chat_first_turn_carries_the_context_lines(tiny_stage2_run, tmp_path):
     """tools.chat: a dataset map with lot metadata gets the same context lines as the training
     dialogues (die count and lot line, recomputed here by hand); a bare .npy map gets the die
     count line only. ChatSession puts them after <image> in the first turn, and moves them with
@@ -118,7 +93,7 @@ def test_chat_first_turn_carries_the_context_lines(run_dir, tmp_path):
     np.save(tmp_path / "m.npy", ds.maps[0])
     assert load_map(str(tmp_path / "m.npy"), None, 0)[2] == f"The wafer has {dies} dies."
 
-    cfg, params, tok = load_for_inference(run_dir)
+    cfg, params, tok = load_for_inference(tiny_stage2_run)
     gen = Generator(cfg, params)
     n = (cfg.vit.image_size // cfg.vit.patch_size) ** 2
     img = np.zeros((cfg.vit.image_size,) * 2 + (3,), np.float32)
