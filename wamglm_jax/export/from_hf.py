@@ -163,8 +163,7 @@ def model_config_from_hf(base_cfg, *, llava: dict | None = None, vision: dict | 
         if not (isinstance(fl, int) or isinstance(fl, list) and fl
                 and all(isinstance(k, int) for k in fl)):
             raise ImportHFError(f"{os.path.join(where[0], 'config.json')}: vision_feature_layer="
-                                f"{fl!r}; a layer index or a "
-                                "non-empty list of them expected")
+                                f"{fl!r}; a layer index or a non-empty list of them expected")
         vision, lm = _vision_config_of(llava), _text_config_of(llava)
         set_feature_layer(cfg, fl)
         cfg.image_token_id = int(llava.get("image_token_id", llava.get("image_token_index")))
