@@ -40,7 +40,7 @@ def tiny_stage2_run(tmp_path_factory):
     from wamglm_jax.parallel import sharding as shd
     from wamglm_jax.parallel.mesh import make_mesh
     from wamglm_jax.train import stage2
-    wd = tmp_path_factory.mktemp("chat_run")
+    wd = tmp_path_factory.mktemp("tiny_stage2_run")
     config = quickstart.get_config("ci")
     config.stages = ("stage2",)
     config.model.vit.image_size = 16

@@ -26,8 +26,10 @@ from typing import Callable
 
 import numpy as np
 
+from wamglm_jax.evaluate.qa import COUNT_REL_TOL, PCT_TOL as PCT_POINTS
+
 LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
-REL_TOL, PCT_TOL = 0.10, 0.03
+REL_TOL, PCT_TOL = COUNT_REL_TOL, PCT_POINTS / 100.0   # the QA scorer's tolerances, as shares
 
 
 def fit_ridge(x: np.ndarray, y: np.ndarray, lam: float) -> Callable[[np.ndarray], np.ndarray]:
