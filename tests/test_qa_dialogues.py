@@ -210,6 +210,8 @@ def check_items(ds, items):
             parsed = parse_answer(key["kind"], msgs[key["turn"]]["content"], KB)
             if key["kind"] == "severity":
                 exp = {"severity": exp["severity"]}
+            if key["kind"] == "count":                # share-first: the stated share, to 0.1
+                assert parsed.pop("pct") == round(100 * exp["failing"] / exp["total"], 1)
             assert parsed == exp, (it["id"], key["kind"], msgs[key["turn"]]["content"])
 
 
@@ -469,3 +471,19 @@ def test_batch_answer_derivable_from_context_line_and_map():
                     "lot_wide": any(c >= 2 and 5 * c >= n for c in shared.values())}
         assert key[0]["value"] == want, (it["id"], ctx)
     assert seen > 5
+
+
+def test_count_answer_share_first_and_older_form_parse():
+    """The count sentence states the share, the die total and then the count; the parser reads
+    it, and still reads the older "F of the N dies fail." (answers of earlier checkpoints)."""
+    from wamglm_jax.qa.answers import render_answer
+    text = render_answer("count", {"failing": 171, "total": 2046})
+    assert text == "8.4% of the 2046 dies fail, which is 171 dies."      # 171/2046 = 8.36%
+    assert parse_answer("count", text) == {"failing": 171, "total": 2046, "pct": 8.4}
+    assert render_answer("count", {"failing": 1, "total": 300}).endswith("which is 1 die.")
+    assert parse_answer("count", "171 of the 2046 dies fail.") == {"failing": 171,
+                                                                   "total": 2046}
+    assert parse_answer("count", "About 40 dies.") == {"failing": 40, "total": None}
+    # a model's answer that states a share but a count inconsistent with it: the count is read
+    assert parse_answer("count", "12.5% of the 800 dies fail, which is 90 dies.") == \
+        {"failing": 90, "total": 800, "pct": 12.5}

@@ -126,6 +126,7 @@ def test_count_diagnostics_by_hand():
     assert d["die_count_copied"] == pytest.approx(2 / 5)        # a missing N is not a copy
     assert d["n_share"] == 3 and d["share_within_tol"] == pytest.approx(1 / 3)
     assert d["median_rel_error"] == pytest.approx(0.1)          # median of 0, 0, 0.2, 0.5
+    assert d["n_stated"] == 0 and d["share_stated_within_tol"] is None
     assert d["by_failing"] == {"0-19": {"accuracy": 0.0, "n": 1},
                                "20-99": {"accuracy": 1.0, "n": 2},
                                ">=100": {"accuracy": 0.0, "n": 2}}
@@ -133,6 +134,35 @@ def test_count_diagnostics_by_hand():
     assert qa_eval.summarize(recs)["count_diagnostics"] == d
     empty = qa_eval.count_diagnostics([])
     assert empty["die_count_copied"] is None and empty["median_rel_error"] is None
+
+
+def test_count_diagnostics_share_first_answers_by_hand():
+    """Share-first answers ("P% of the N dies fail, which is F dies."): the stated share, the
+    product F = P% of N, and the count that exact product would give, each scored by hand."""
+    def rec(parsed, expected):
+        return dict(id="d", turn=1, kind="count", parsed=parsed, expected=expected,
+                    correct=False, heldout=False)
+    recs = [
+        # share 10% right; 10% of 500 = 50 = F; exact product 50 = truth
+        rec({"failing": 50, "total": 500, "pct": 10.0}, {"failing": 50, "total": 500}),
+        # share 12% vs 20%: 40% off; F 150 vs 120 (tol 12): off; product 120 vs 200: off
+        rec({"failing": 150, "total": 1000, "pct": 12.0}, {"failing": 200, "total": 1000}),
+        # share right, N mis-copied (700): F 70 = 10% of 700; product 70 vs 100: off
+        rec({"failing": 70, "total": 700, "pct": 10.0}, {"failing": 100, "total": 1000}),
+        # share right, F 150 vs 100: off; exact product 100 = truth
+        rec({"failing": 150, "total": 1000, "pct": 10.0}, {"failing": 100, "total": 1000}),
+        # share 8.0 vs 8.36% (4.3% off); 8% of 2046 = 163.7 ~ 164; 164 vs 171 (tol 17.1)
+        rec({"failing": 164, "total": 2046, "pct": 8.0}, {"failing": 171, "total": 2046}),
+        # share 10.0 vs 10.5% (4.8% off); F 300 vs 100: off; product 100 vs 105 (tol 10.5)
+        rec({"failing": 300, "total": 1000, "pct": 10.0}, {"failing": 105, "total": 1000}),
+        # older form (no stated share): in none of the three
+        rec({"failing": 30, "total": 300}, {"failing": 30, "total": 300}),
+    ]
+    d = qa_eval.count_diagnostics(recs)
+    assert d["n_stated"] == 6
+    assert d["share_stated_within_tol"] == pytest.approx(5 / 6)
+    assert d["product_within_tol"] == pytest.approx(3 / 6)
+    assert d["exact_product_accuracy"] == pytest.approx(4 / 6)
 
 
 def test_report_markdown_lists_every_kind(data):
@@ -149,6 +179,10 @@ def test_report_markdown_lists_every_kind(data):
     cd = s["count_diagnostics"]
     assert f"Failing-die counts ({cd['n_count_answers']} answers): die count copied from the " \
         f"context line {100 * cd['die_count_copied']:.1f}%" in md
+    # the reference answers are share-first: their share and product are exact
+    assert cd["n_stated"] > 0 and cd["share_stated_within_tol"] == 1.0
+    assert cd["product_within_tol"] == 1.0 and cd["exact_product_accuracy"] == 1.0
+    assert f"Share-first answers ({cd['n_stated']}): stated share within 10% 100.0%" in md
     for kind, v in s["by_kind"].items():
         assert f"| {kind} | {100 * v['accuracy']:.1f}% | {v['n']} |" in md
         # training / held-out phrasing columns, recounted from the records

@@ -171,13 +171,20 @@ COUNT_SIZE_BINS = ((0, 20), (20, 100), (100, None))   # failing dies in the answ
 
 
 def count_diagnostics(records: Sequence[dict]) -> dict:
-    """Where failing-die count answers ("F of the N dies fail.") go wrong. A count is the
-    failing share (in the image) times the die count (in the context line), so:
+    """Where failing-die count answers ("P% of the N dies fail, which is F dies.") go wrong.
+    A count is the failing share (in the image) times the die count (in the context line), so:
 
       die_count_copied      share of count answers whose N equals the context line's
       share_within_tol      share whose implied failing share F/N is within COUNT_REL_TOL
                             (relative) of the true one: the image reading, apart from the
                             copy (answers with both numbers and a nonzero true count)
+      share_stated_within_tol  share whose stated P is within COUNT_REL_TOL (relative) of the
+                            true share (share-first answers with a nonzero true count)
+      product_within_tol    share of share-first answers whose F is within the count
+                            tolerance of P% of their own N: the product, apart from reading
+      exact_product_accuracy  share of share-first answers whose count would be within
+                            tolerance had F been exactly P% of their own N: what the reading
+                            and the copy allow, apart from the product
       median_rel_error      median |F - F_true| / F_true over answers with a number
       by_failing            count accuracy by the true failing-die count (COUNT_SIZE_BINS:
                             at 10%, a count under 20 must be exact to a die or two)
@@ -191,6 +198,7 @@ def count_diagnostics(records: Sequence[dict]) -> dict:
     with_n = [(p, e) for p, e in parsed if p.get("total") is not None]
     both = [(p, e) for p, e in with_n if p.get("failing") is not None and p["total"] > 0
             and e["failing"] > 0]
+    stated = [(p, e) for p, e in both if p.get("pct") is not None]
     with_f = [(p, e) for p, e in parsed if p.get("failing") is not None and e["failing"] > 0]
     yields = [abs(r["parsed"]["yield_pct"] - r["expected"]["yield_pct"]) for r in records
               if r["kind"] == "yield" and (r.get("parsed") or {}).get("yield_pct") is not None]
@@ -209,6 +217,14 @@ def count_diagnostics(records: Sequence[dict]) -> dict:
         "share_within_tol": frac([abs(p["failing"] / p["total"] - e["failing"] / e["total"])
                                   <= COUNT_REL_TOL * e["failing"] / e["total"] for p, e in both]),
         "n_share": len(both),
+        "share_stated_within_tol": frac([abs(p["pct"] - 100.0 * e["failing"] / e["total"])
+                                         <= COUNT_REL_TOL * 100.0 * e["failing"] / e["total"]
+                                         for p, e in stated]),
+        "product_within_tol": frac([_count_ok(p["failing"], p["pct"] * p["total"] / 100.0)
+                                    for p, e in stated]),
+        "exact_product_accuracy": frac([_count_ok(round(p["pct"] * p["total"] / 100.0),
+                                                  e["failing"]) for p, e in stated]),
+        "n_stated": len(stated),
         "median_rel_error": float(np.median([abs(p["failing"] - e["failing"]) / e["failing"]
                                              for p, e in with_f])) if with_f else None,
         "by_failing": bins,

@@ -12,7 +12,8 @@ Kinds and their values (the `value` of an answer_key entry):
                  tell, [] = no failing die), "side": str | None ("all around" for Edge-Ring)}
                  (facts.type_location)
   zone_extent   {"zone": str, "failing": int, "total": int}
-  count         {"failing": int, "total": int}
+  count         {"failing": int, "total": int} (parsed answers in the share-first form also
+                 carry "pct", the failing share they state)
   yield         {"yield_pct": float}
   area          {"area_pct": float}
   cause         {"kb_keys": list[str]}   entries whose causes are all given
@@ -129,7 +130,7 @@ def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None) -> str
         return (f"At {ZONE_TEXT[z]}, {value['failing']} of {value['total']} dies fail "
                 f"({pct}%).")
     if kind == "count":
-        return f"{value['failing']} of the {value['total']} dies fail."
+        return _count_sentence(value["failing"], value["total"])
     if kind == "yield":
         return f"The yield is {value['yield_pct']}%."
     if kind == "area":
@@ -157,6 +158,18 @@ def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None) -> str
         head = parts[0].replace(" ", f" of the {others} ", 1)
         return f"{' and '.join([head] + parts[1:])}, {verdict}."
     raise ValueError(f"render_answer: unknown kind {kind!r}; expected one of {KINDS}")
+
+
+def _count_sentence(failing: int, total: int) -> str:
+    """Share first, then the count: "8.4% of the 2046 dies fail, which is 171 dies." The share
+    is what the image shows (it is area-resized, so dies cannot be counted one by one) and the
+    die total is the context line's, so the count follows from the two numbers written just
+    before it instead of from a product computed silently across the dialogue."""
+    if total == 0:
+        return "This map has no dies."
+    pct = round(100.0 * failing / total, 1)
+    return (f"{pct}% of the {total} dies fail, which is {failing} "
+            f"{'die' if failing == 1 else 'dies'}.")
 
 
 _INT = r"(\d+)"
@@ -232,6 +245,13 @@ def parse_answer(kind: str, text: str, kb: KnowledgeBase | None = None) -> Any:
         return {"zone": z, "failing": int(m.group(1)) if m else None,
                 "total": int(m.group(2)) if m else None}
     if kind == "count":
+        if "no dies" in text.lower():
+            return {"failing": 0, "total": 0}
+        m = re.search(_NUM + r"\s*% of (?:the )?" + _INT + r" dies fail\w*, which is " + _INT,
+                      text)
+        if m:
+            return {"failing": int(m.group(3)), "total": int(m.group(2)),
+                    "pct": float(m.group(1))}
         m = re.search(_INT + r" of (?:the )?" + _INT, text)
         if m:
             return {"failing": int(m.group(1)), "total": int(m.group(2))}

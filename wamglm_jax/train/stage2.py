@@ -631,6 +631,12 @@ def report_markdown(r: dict) -> str:
                       f"share within 10% {_pct(cd['share_within_tol'])}; median relative error "
                       f"{'n/a' if med is None else f'{100 * med:.1f}%'}; within tolerance by "
                       f"true count: {bins}."]
+        if cd.get("n_stated"):
+            lines[-1] += (f" Share-first answers ({cd['n_stated']}): stated share within 10% "
+                          f"{_pct(cd['share_stated_within_tol'])}; count within 10% of the "
+                          f"stated share of the stated die count "
+                          f"{_pct(cd['product_within_tol'])}; counts within tolerance had they "
+                          f"been that product exactly {_pct(cd['exact_product_accuracy'])}.")
     if r.get("baseline") and "classifier_accuracy" in r["baseline"]:
         lines += ["", f"Baseline classifier accuracy on these maps: "
                       f"{_pct(r['baseline']['classifier_accuracy'])} "
