@@ -21,6 +21,10 @@ numeric 67.1% within tolerance (yield 98.7%, area 86.6%, failing-die count 47.1%
 21.1%): not met. 5,000 rather than the 8,000 steps first planned, because 8,000 did not fit
 the device time of that session; README "Stage 2" has the whole table.
 `:cpu` (2 cores, 53 min of stage 2): defect type 92.6% (97.1% / 88.3%), numeric 53.7%.
+Those runs used the older count answer "F of the N dies fail."; with the share-first form
+("P% of the N dies fail, which is F dies.") and `feature_layer=(0,-1)`, `:cpu` gave
+failing-die count 45.1% against 28.0% for the older form on the same checkpoint, numeric
+58.0% against 53.9% (one run each; README "Share first, then the count").
 """
 from configs import common
 from wamglm_jax.data.splits import default_data_config
