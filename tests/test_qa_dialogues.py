@@ -1,6 +1,7 @@
 """WaferMapVMQA dialogues: every answer checked against an independent recomputation (plain
 loops over the map, written from the definitions in qa/facts.py's docstring)."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -210,7 +211,7 @@ def check_items(ds, items):
             parsed = parse_answer(key["kind"], msgs[key["turn"]]["content"], KB)
             if key["kind"] == "severity":
                 exp = {"severity": exp["severity"]}
-            if key["kind"] == "count":                # share-first: the stated share, to 0.1
+            if key["kind"] == "count" and it["count_form"] == "share_first":   # share, to 0.1
                 assert parsed.pop("pct") == round(100 * exp["failing"] / exp["total"], 1)
             assert parsed == exp, (it["id"], key["kind"], msgs[key["turn"]]["content"])
 
@@ -487,3 +488,22 @@ def test_count_answer_share_first_and_older_form_parse():
     # a model's answer that states a share but a count inconsistent with it: the count is read
     assert parse_answer("count", "12.5% of the 800 dies fail, which is 90 dies.") == \
         {"failing": 90, "total": 800, "pct": 12.5}
+
+
+def test_count_form_option_renders_each_form_and_survives_transform():
+    ds = generate(12, seed=3, label_space="wm811k")
+    for form, pattern in [("count_first", r"^\d+ of the \d+ dies fail\.$"),
+                          ("share_first", r"^\d+\.\d% of the \d+ dies fail, which is \d+ dies?\.$")]:
+        items = build_dialogues(ds, seed=0, per_map=6, count_form=form)
+        counts = [(it, it["messages"][k["turn"]]["content"]) for it in items
+                  for k in it["answer_key"] if k["kind"] == "count"]
+        assert counts, "the plans drew no count question"
+        for it, text in counts:
+            assert re.match(pattern, text), (form, text)
+        it = counts[0][0]
+        new, _ = transform_item(it, ds.maps[it["image_index"]], 1, True)
+        k = next(k for k in new["answer_key"] if k["kind"] == "count")
+        assert re.match(pattern, new["messages"][k["turn"]]["content"])
+    check_items(ds, build_dialogues(ds, seed=0, per_map=3, count_form="count_first"))
+    with pytest.raises(ValueError, match="count_form 'share'; expected one of"):
+        build_dialogues(ds, seed=0, count_form="share")

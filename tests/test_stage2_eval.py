@@ -235,3 +235,14 @@ def test_paired_comparison_counts_answer_for_answer(data):
     assert (f"| defect_type | {v['n']} | {100 * v['model_accuracy']:.1f}% | "
             f"{100 * v['baseline_accuracy']:.1f}% | {v['model_only']} | {v['baseline_only']} | "
             in md)
+
+
+def test_bad_count_form_names_the_config_field(tmp_path):
+    from configs import quickstart
+    from wamglm_jax.train import stage2
+    config = quickstart.get_config("ci")
+    config.stage2.count_form = "share"
+    with pytest.raises(ValueError, match=r"config.stage2.count_form='share': expected one of "
+                                         r"\('share_first', 'count_first'\)"):
+        stage2.run(config, str(tmp_path))
+    assert not (tmp_path / "stage2" / "report.json").exists()

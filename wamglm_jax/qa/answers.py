@@ -42,6 +42,9 @@ KINDS = ("defect_type", "why_type", "location", "type_location", "zone_extent", 
 PATTERNS = tuple(p for p in WM811K_CLASSES if p != "none")
 ZONE_TEXT = {"center": "the center", "middle": "the middle ring", "edge": "the edge"}
 CANNOT_TELL = "I cannot tell from this map"
+# Count answer forms: "8.4% of the 2046 dies fail, which is 171 dies." (share_first) or
+# "171 of the 2046 dies fail." (count_first); see _count_sentence and README "Share first".
+COUNT_FORMS = ("share_first", "count_first")
 
 _kb_cache: dict = {}
 
@@ -79,7 +82,8 @@ def _side_phrase(side: str | None) -> str:
     return f"mostly in the {side} half"
 
 
-def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None) -> str:
+def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None,
+                  count_form: str = "share_first") -> str:
     kb = _kb(kb)
     if kind == "defect_type":
         if not value:
@@ -130,6 +134,11 @@ def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None) -> str
         return (f"At {ZONE_TEXT[z]}, {value['failing']} of {value['total']} dies fail "
                 f"({pct}%).")
     if kind == "count":
+        if count_form == "count_first":
+            return f"{value['failing']} of the {value['total']} dies fail."
+        if count_form != "share_first":
+            raise ValueError(f"render_answer: count_form {count_form!r}; expected one of "
+                             f"{COUNT_FORMS}")
         return _count_sentence(value["failing"], value["total"])
     if kind == "yield":
         return f"The yield is {value['yield_pct']}%."

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 
+from wamglm_jax.qa.answers import COUNT_FORMS
 from wamglm_jax.qa.dialogues import build_dialogues
 from wamglm_jax.qa.io import write_vmqa
 from wamglm_jax.qa.knowledge_base import load_knowledge_base
@@ -24,7 +25,7 @@ def build_vmqa(splits: dict, out_dir: str, *, seed: int = 0, per_map: int = 1,
                heldout: dict | None = None, kb_path: str | None = None,
                vocab_size: int = 1024, tokenizer_dir: str | None = None,
                chat_template: str | None = None, tokenizer_split: str = "train",
-               tfds_too: bool = True) -> dict:
+               tfds_too: bool = True, count_form: str = "share_first") -> dict:
     """splits: {name: WaferDataset}. heldout: {name: False|True|fraction} (default False).
     tokenizer_dir: a pretrained HF tokenizer to use instead of training one (chat_template:
     its replacement template with {% generation %} marks). Returns dict(items, paths,
@@ -35,7 +36,8 @@ def build_vmqa(splits: dict, out_dir: str, *, seed: int = 0, per_map: int = 1,
     for k, (name, ds) in enumerate(splits.items()):
         items[name] = build_dialogues(ds, seed=seed * 1000 + k, per_map=per_map,
                                       heldout=heldout.get(name, False), kb=kb,
-                                      maps_name=f"{name}_maps.npz", id_prefix=f"{name}-")
+                                      maps_name=f"{name}_maps.npz", id_prefix=f"{name}-",
+                                      count_form=count_form)
     paths = write_vmqa(out_dir, {n: (items[n], splits[n]) for n in splits}, tfds_too=tfds_too)
     if tokenizer_dir is None:
         if tokenizer_split not in items:
@@ -67,11 +69,12 @@ def main(argv=None):
     ap.add_argument("--per_map", type=int, default=1)
     ap.add_argument("--vocab_size", type=int, default=1024)
     ap.add_argument("--kb", default=None)
+    ap.add_argument("--count_form", default="share_first", choices=COUNT_FORMS)
     a = ap.parse_args(argv)
     splits = {"train": generate(a.num, seed=a.seed, label_space=a.label_space),
               "test": generate(a.num_test, seed=a.seed + 1, label_space=a.label_space)}
     out = build_vmqa(splits, a.out, seed=a.seed, per_map=a.per_map, heldout={"test": 0.5},
-                     kb_path=a.kb, vocab_size=a.vocab_size)
+                     kb_path=a.kb, vocab_size=a.vocab_size, count_form=a.count_form)
     print(json.dumps({"paths": out["paths"], "vocab": out["vocab"]}))
 
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from wamglm_jax.data.labels import WM811K_CLASSES, class_names, defect_set
 from wamglm_jax.qa import facts as F
-from wamglm_jax.qa.answers import PATTERNS, render_answer
+from wamglm_jax.qa.answers import COUNT_FORMS, PATTERNS, render_answer
 from wamglm_jax.qa.knowledge_base import KnowledgeBase, load_knowledge_base
 from wamglm_jax.qa.phrasings import HELDOUT, TRAIN, ZONE_WORDS
 
@@ -174,8 +174,8 @@ def answer_value(kind: str, step: dict, m: np.ndarray, types: list[str], facts: 
 
 
 def render_dialogue(m: np.ndarray, label_space: str, label: int, lot_context: dict,
-                    plan: list[dict], heldout: bool, kb: KnowledgeBase
-                    ) -> tuple[list[dict], list[dict]]:
+                    plan: list[dict], heldout: bool, kb: KnowledgeBase,
+                    count_form: str = "share_first") -> tuple[list[dict], list[dict]]:
     """Messages and answer key for `plan` on map `m` (facts recomputed from `m`)."""
     facts = F.compute_facts(m)
     types = sorted(defect_set(label_space, label), key=WM811K_CLASSES.index)
@@ -190,7 +190,8 @@ def render_dialogue(m: np.ndarray, label_space: str, label: int, lot_context: di
             q = first_user_turn(q, map_context(m, lot_context))
         value = answer_value(step["kind"], step, m, types, facts, lot_context, kb)
         messages.append({"role": "user", "content": q})
-        messages.append({"role": "assistant", "content": render_answer(step["kind"], value, kb)})
+        messages.append({"role": "assistant", "content": render_answer(step["kind"], value, kb,
+                                                                      count_form)})
         key.append({"turn": len(messages) - 1, "kind": step["kind"], "value": value})
     return messages, key
 
@@ -198,11 +199,16 @@ def render_dialogue(m: np.ndarray, label_space: str, label: int, lot_context: di
 def build_dialogues(dataset, *, seed: int = 0, per_map: int = 1,
                     heldout: bool | float = False, kb: KnowledgeBase | None = None,
                     maps_name: str = "maps.npz", id_prefix: str = "",
-                    indices: Sequence[int] | None = None) -> list[dict]:
+                    indices: Sequence[int] | None = None,
+                    count_form: str = "share_first") -> list[dict]:
     """Dialogues for every map of `dataset` (attributes maps, labels, label_space, meta).
     heldout: False (train phrasings/orders), True (held-out ones), or a float in (0, 1): that
     fraction of dialogues, chosen at random, is held out. Deterministic given `seed`.
-    Unlabeled maps (label -1) are skipped."""
+    Unlabeled maps (label -1) are skipped. count_form: one of answers.COUNT_FORMS (kept in
+    each item, so transform_item renders the same form)."""
+    if count_form not in COUNT_FORMS:
+        raise ValueError(f"build_dialogues: count_form {count_form!r}; expected one of "
+                         f"{COUNT_FORMS}")
     kb = kb or load_knowledge_base()
     rng = np.random.default_rng(seed)
     meta = getattr(dataset, "meta", None)
@@ -219,7 +225,7 @@ def build_dialogues(dataset, *, seed: int = 0, per_map: int = 1,
             plan = sample_plan(rng, ho, sorted(defect_set(dataset.label_space, label)))
             try:
                 messages, key = render_dialogue(dataset.maps[i], dataset.label_space, label,
-                                                ctx, plan, ho, kb)
+                                                ctx, plan, ho, kb, count_form)
             except ValueError as e:
                 raise ValueError(f"{getattr(dataset, 'source', '') or 'dataset'}: map {i}: {e}"
                                  ) from None
@@ -227,7 +233,7 @@ def build_dialogues(dataset, *, seed: int = 0, per_map: int = 1,
                           "image_index": int(i), "messages": messages, "class": label,
                           "class_name": names[label], "label_space": dataset.label_space,
                           "heldout": ho, "answer_key": key, "plan": plan,
-                          "lot_context": ctx})
+                          "lot_context": ctx, "count_form": count_form})
     return items
 
 
@@ -244,7 +250,8 @@ def transform_item(item: dict, m: np.ndarray, k_rot: int, flip: bool,
     kb = kb or load_knowledge_base()
     tm = transform_map(m, k_rot, flip)
     messages, key = render_dialogue(tm, item["label_space"], item["class"],
-                                    item["lot_context"], item["plan"], item["heldout"], kb)
+                                    item["lot_context"], item["plan"], item["heldout"], kb,
+                                    item.get("count_form", "share_first"))
     new = dict(item, messages=messages, answer_key=key, id=f"{item['id']}-r{int(k_rot) % 4}"
                f"{'f' if flip else ''}")
     return new, tm

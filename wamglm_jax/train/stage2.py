@@ -48,6 +48,7 @@ from wamglm_jax.models import lora as lora_lib
 from wamglm_jax.models.wamglm import WamGLM, check_image_tokens, num_image_tokens
 from wamglm_jax.parallel import sharding as shd
 from wamglm_jax.qa import encode as qenc
+from wamglm_jax.qa.answers import COUNT_FORMS
 from wamglm_jax.qa.augment import noise_questions
 from wamglm_jax.qa.dialogues import build_dialogues
 from wamglm_jax.qa.io import write_jsonl
@@ -66,6 +67,9 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
         batch_size=16,              # global batch of dialogues
         max_len=512,                # tokens per dialogue (<= model.lm.max_seq_len)
         per_map=1,                  # dialogues per training map
+        count_form="share_first",   # count answers: 'share_first' ("8.4% of the 2046 dies
+                                    # fail, which is 171 dies.") or 'count_first' ("171 of
+                                    # the 2046 dies fail."); README "Share first"
         max_per_class=0,            # > 0: at most this many training maps per class (seeded)
         class_scaling="flat",       # with max_per_class: 'flat' (every class capped at it) or
                                     # 'sqrt' (the largest class gets max_per_class maps, class c
@@ -382,10 +386,14 @@ def run(config, workdir, mesh=None) -> dict:
 
     # 1. data, dialogues, tokenizer
     kb = load_knowledge_base(s2.kb_path or None)
+    if s2.count_form not in COUNT_FORMS:
+        raise ValueError(f"config.stage2.count_form={s2.count_form!r}: expected one of "
+                         f"{COUNT_FORMS}")
     splits = load_splits(config.data)
     seed = int(config.seed)
     items = {"train": build_dialogues(splits["train"], seed=seed, per_map=int(s2.per_map),
                                       heldout=False, kb=kb, id_prefix="train-",
+                                      count_form=str(s2.count_form),
                                       indices=capped_indices(splits["train"].labels,
                                                              int(s2.max_per_class), seed,
                                                              str(s2.class_scaling)))}
@@ -393,7 +401,8 @@ def run(config, workdir, mesh=None) -> dict:
         if splits.get(name) is not None:
             items[name] = build_dialogues(splits[name], seed=seed + 17 + k, per_map=1,
                                           heldout=float(s2.eval_heldout_fraction), kb=kb,
-                                          id_prefix=f"{name}-")
+                                          id_prefix=f"{name}-",
+                                          count_form=str(s2.count_form))
     tok, tok_path = get_tokenizer(s2, workdir, items["train"])
     qn = s2.question_noise
     items["train"], n_noised = noise_questions(items["train"], seed=seed,
