@@ -251,7 +251,8 @@ def transform_item(item: dict, m: np.ndarray, k_rot: int, flip: bool,
     tm = transform_map(m, k_rot, flip)
     messages, key = render_dialogue(tm, item["label_space"], item["class"],
                                     item["lot_context"], item["plan"], item["heldout"], kb,
-                                    item.get("count_form", "share_first"))
+                                    item.get("count_form", "count_first"))   # items without
+                                    # the field were built before the share-first form
     new = dict(item, messages=messages, answer_key=key, id=f"{item['id']}-r{int(k_rot) % 4}"
                f"{'f' if flip else ''}")
     return new, tm
