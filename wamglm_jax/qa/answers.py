@@ -134,12 +134,7 @@ def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None,
         return (f"At {ZONE_TEXT[z]}, {value['failing']} of {value['total']} dies fail "
                 f"({pct}%).")
     if kind == "count":
-        if count_form == "count_first":
-            return f"{value['failing']} of the {value['total']} dies fail."
-        if count_form != "share_first":
-            raise ValueError(f"render_answer: count_form {count_form!r}; expected one of "
-                             f"{COUNT_FORMS}")
-        return _count_sentence(value["failing"], value["total"])
+        return _count_sentence(value["failing"], value["total"], count_form)
     if kind == "yield":
         return f"The yield is {value['yield_pct']}%."
     if kind == "area":
@@ -169,11 +164,16 @@ def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None,
     raise ValueError(f"render_answer: unknown kind {kind!r}; expected one of {KINDS}")
 
 
-def _count_sentence(failing: int, total: int) -> str:
-    """Share first, then the count: "8.4% of the 2046 dies fail, which is 171 dies." The share
-    is what the image shows (it is area-resized, so dies cannot be counted one by one) and the
-    die total is the context line's, so the count follows from the two numbers written just
-    before it instead of from a product computed silently across the dialogue."""
+def _count_sentence(failing: int, total: int, form: str) -> str:
+    """share_first: "8.4% of the 2046 dies fail, which is 171 dies." The share is what the
+    image shows (it is area-resized, so dies cannot be counted one by one) and the die total
+    is the context line's, so the count follows from the two numbers written just before it
+    instead of from a product computed silently across the dialogue. count_first: the older
+    "171 of the 2046 dies fail." (kept for the real-data config; README)."""
+    if form not in COUNT_FORMS:
+        raise ValueError(f"render_answer: count_form {form!r}; expected one of {COUNT_FORMS}")
+    if form == "count_first":
+        return f"{failing} of the {total} dies fail."
     if total == 0:
         return "This map has no dies."
     pct = round(100.0 * failing / total, 1)

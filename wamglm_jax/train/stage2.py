@@ -368,6 +368,9 @@ def _opt_cfg(s2, lora_on: bool, **overrides):
 def run(config, workdir, mesh=None) -> dict:
     t0 = time.time()
     s2 = stage_cfg(config)
+    if s2.count_form not in COUNT_FORMS:          # before anything is created or written
+        raise ValueError(f"config.stage2.count_form={s2.count_form!r}: expected one of "
+                         f"{COUNT_FORMS}")
     rules = shd.rules_from_config(config)
     if mesh is None:
         from wamglm_jax.parallel.mesh import make_mesh
@@ -386,9 +389,6 @@ def run(config, workdir, mesh=None) -> dict:
 
     # 1. data, dialogues, tokenizer
     kb = load_knowledge_base(s2.kb_path or None)
-    if s2.count_form not in COUNT_FORMS:
-        raise ValueError(f"config.stage2.count_form={s2.count_form!r}: expected one of "
-                         f"{COUNT_FORMS}")
     splits = load_splits(config.data)
     seed = int(config.seed)
     items = {"train": build_dialogues(splits["train"], seed=seed, per_map=int(s2.per_map),
