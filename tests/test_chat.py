@@ -1,7 +1,6 @@
 """The chat: a tiny stage-2 run, `python -m tools.chat --question ...` end to end, and the
 ChatSession context-overflow policy."""
 import os
-import re
 import subprocess
 import sys
 
@@ -38,7 +37,7 @@ def test_chat_session_drops_oldest_pairs_keeps_image(tiny_stage2_run):
     from wamglm_jax.inference.chat import ChatSession, ContextLengthError
     from wamglm_jax.inference.generate import GenerationConfig, Generator
     from wamglm_jax.qa.encode import encode_prompt
-    from wamglm_jax.train.stage2 import load_for_inference
+    from wamglm_jax.inference.load import load_for_inference
 
     cfg, params, tok = load_for_inference(tiny_stage2_run)
     gen = Generator(cfg, params)
@@ -82,7 +81,7 @@ def test_chat_first_turn_carries_the_context_lines(tiny_stage2_run, tmp_path):
     from wamglm_jax.inference.chat import ChatSession
     from wamglm_jax.inference.generate import GenerationConfig, Generator
     from wamglm_jax.qa.encode import encode_prompt
-    from wamglm_jax.train.stage2 import load_for_inference
+    from wamglm_jax.inference.load import load_for_inference
 
     ds = generate(1, seed=4)
     _, _, ctx = load_map(None, None, 4)

@@ -110,7 +110,7 @@ def test_wamglm_lora_merge_and_adapter_only_training(scan=False):
     from configs import presets
     from wamglm_jax.models.wamglm import WamGLM, num_image_tokens
     from wamglm_jax.train import optim
-    from wamglm_jax.train.stage2 import effective_params, merged_params
+    from wamglm_jax.models.lora import effective_params, merged_params
     from wamglm_jax.train.state import TrainState
 
     cfg = presets.model_config("tiny")

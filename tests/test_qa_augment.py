@@ -7,7 +7,7 @@ import pytest
 from wamglm_jax.data.generator import generate
 from wamglm_jax.qa.augment import filler_vocabulary, noise_questions, question_words
 from wamglm_jax.qa.dialogues import build_dialogues
-from wamglm_jax.train.stage2 import capped_indices
+from wamglm_jax.train.stage2_data import capped_indices
 
 
 @pytest.fixture(scope="module")

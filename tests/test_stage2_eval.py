@@ -166,7 +166,7 @@ def test_count_diagnostics_share_first_answers_by_hand():
 
 
 def test_report_markdown_lists_every_kind(data):
-    from wamglm_jax.train.stage2 import report_markdown
+    from wamglm_jax.evaluate.stage2_report import report_markdown
     _, items = data
     recs = _records(items, lambda it, t, k: it["messages"][t]["content"] if t % 4 else "?")
     s = qa_eval.summarize(recs)
@@ -225,7 +225,7 @@ def test_paired_comparison_counts_answer_for_answer(data):
         np.testing.assert_allclose(v["baseline_accuracy"], np.mean([b for _, b in pairs]))
     assert got["defect_type"]["model_only"] + got["defect_type"]["baseline_only"] > 0
     # the report renders one row per paired kind
-    from wamglm_jax.train.stage2 import report_markdown
+    from wamglm_jax.evaluate.stage2_report import report_markdown
     s = qa_eval.summarize(model)
     md = report_markdown(dict(steps=3, final_train_loss=1.0, wall_seconds=2.0, eval_split="val",
                               qa=s["by_kind"], qa_summary={k: v for k, v in s.items()

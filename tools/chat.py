@@ -84,7 +84,7 @@ def main(argv):
     from wamglm_jax.data.preprocess import area_resize_onehot
     from wamglm_jax.inference.chat import ChatSession
     from wamglm_jax.inference.generate import GenerationConfig, Generator
-    from wamglm_jax.train.stage2 import load_for_inference
+    from wamglm_jax.inference.load import load_for_inference
 
     m, desc, context = load_map(FLAGS.map, FLAGS.index, FLAGS.seed)
     color = sys.stdout.isatty() if FLAGS.color is None else FLAGS.color

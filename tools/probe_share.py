@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     import jax
     from wamglm_jax.data.dataset import load_dataset
     from wamglm_jax.models.vit import VisionTransformer
-    from wamglm_jax.train.stage2 import images_for, load_for_inference
+    from wamglm_jax.inference.load import load_for_inference
+    from wamglm_jax.train.stage2_data import images_for
     try:
         cfg, params, _ = load_for_inference(args.workdir)
         ds = load_dataset(args.data, include_unlabeled=True)

@@ -151,3 +151,19 @@ merge.__doc__ = "Merged (plain) params for export/inference: jitted ``apply_lora
 def count(lora: PyTree) -> int:
     """Number of adapter parameters."""
     return sum(x.size for x in jax.tree_util.tree_leaves(lora))
+
+
+def effective_params(params, alpha):
+    """Params with LoRA applied (when params holds a 'lora' subtree) for model.apply."""
+    if "lora" not in params:
+        return params
+    base = {k: v for k, v in params.items() if k != "lora"}
+    return apply_lora(base, params["lora"], alpha)
+
+
+def merged_params(params, alpha):
+    """Plain WamGLM params (LoRA merged) for inference/export."""
+    if "lora" not in params:
+        return params
+    base = {k: v for k, v in params.items() if k != "lora"}
+    return merge(base, params["lora"], float(alpha))

@@ -8,7 +8,8 @@ Steps:
 1. load_splits(config.data) -> dialogues (qa.dialogues.build_dialogues; train with training
    phrasings, val/test with a held-out fraction) -> tokenizer -> config.model.image_token_id and
    lm.vocab_size (padded to a multiple of 128) from it -> encoded dialogues (assistant-only
-   loss masks from the chat template) -> length-bucketed batches (a resumable iterator).
+   loss masks from the chat template) -> length-bucketed batches (a resumable iterator;
+   train/stage2_data.py).
 2. WamGLM, sharded init; the vision tower is restored from the stage-1 checkpoint
    (`restore_stage1_vision`: orbax partial restore of `state` -> params/vision, best-on-val
    checkpoint if there is one, else the latest), the projector optionally from a short
@@ -24,7 +25,9 @@ Steps:
 4. train.loop.train_loop (checkpointing, resume, metrics, NaN guard, SIGTERM) in workdir/stage2.
 5. Evaluation on config.stage2.eval.split (evaluate.qa: teacher-forced history, per kind,
    whole dialogue, held-out phrasings separately) and the stage-1 + KB template baseline
-   (evaluate.baseline); report.json/.md with example dialogues.
+   (evaluate.baseline); report.json/.md with example dialogues (evaluate/stage2_report.py).
+
+A finished run loads for chat with inference.load.load_for_inference(workdir).
 """
 from __future__ import annotations
 
@@ -32,7 +35,6 @@ import json
 import os
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -42,8 +44,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from wamglm_jax.data.preprocess import area_resize_onehot
 from wamglm_jax.data.splits import load_splits
+from wamglm_jax.evaluate.stage2_report import evaluate_and_report
+from wamglm_jax.inference.load import STAGE2_DIR
 from wamglm_jax.models import lora as lora_lib
 from wamglm_jax.models.wamglm import WamGLM, check_image_tokens, num_image_tokens
 from wamglm_jax.parallel import sharding as shd
@@ -53,12 +56,14 @@ from wamglm_jax.qa.augment import noise_questions
 from wamglm_jax.qa.dialogues import build_dialogues
 from wamglm_jax.qa.io import write_jsonl
 from wamglm_jax.qa.knowledge_base import load_knowledge_base
-from wamglm_jax.qa.tokenizer import build_tokenizer, image_token_id, load_tokenizer
+from wamglm_jax.qa.tokenizer import image_token_id
 from wamglm_jax.train import loop, optim
 from wamglm_jax.train.checkpoint import saved_tree
+from wamglm_jax.train.stage2_data import (DialogueBatches, capped_indices, describe_items,
+                                          get_tokenizer)
 from wamglm_jax.train.state import TrainState
 
-STAGE = "stage2"
+STAGE = STAGE2_DIR
 ALIGN = "stage2_align"
 
 
@@ -118,24 +123,7 @@ def stage_cfg(config) -> ml_collections.ConfigDict:
     return base
 
 
-# ------------------------------------------------------------------------------- data
-def get_tokenizer(s2, workdir, train_items):
-    """config.stage2.tokenizer_dir, else workdir/tokenizer (trained there if absent)."""
-    if s2.tokenizer_dir:
-        return load_tokenizer(s2.tokenizer_dir, s2.chat_template or None), s2.tokenizer_dir
-    path = os.path.join(os.fspath(workdir), "tokenizer")
-    if os.path.exists(os.path.join(path, "tokenizer.json")):
-        return load_tokenizer(path), path
-    if jax.process_index() == 0:
-        tok = build_tokenizer(train_items, path, vocab_size=int(s2.vocab_size))
-    if jax.process_count() > 1:   # multi-host: the others load what process 0 wrote
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("stage2 tokenizer")
-        if jax.process_index() != 0:
-            tok = load_tokenizer(path)
-    return tok, path
-
-
+# ------------------------------------------------------------------------------- model
 def model_config_for(config, tok, base=None) -> ml_collections.ConfigDict:
     """config.model (or `base`) with image_token_id and vocab_size taken from the tokenizer."""
     cfg = ml_collections.ConfigDict((base or config.model).to_dict())
@@ -155,88 +143,6 @@ def import_lm(config, s2, tok):
     return model_cfg, params["lm"]
 
 
-def capped_indices(labels, cap: int, seed: int, scaling: str = "flat"):
-    """Training maps per class, sorted indices (None = all maps when cap <= 0), seeded.
-    'flat': at most `cap` random maps of each class; 'sqrt': the largest class gets `cap`,
-    class c round(cap * sqrt(n_c / n_max)) (at least 1, at most n_c), so the classes keep the
-    square-root prior stage 1's balanced sampling trains the classifier with."""
-    if scaling not in ("flat", "sqrt"):
-        raise ValueError(f"config.stage2.class_scaling={scaling!r}: expected 'flat' or 'sqrt'")
-    if cap <= 0:
-        return None
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(labels[labels >= 0], return_counts=True)
-    out = []
-    for c, n in zip(classes, counts):
-        k = cap if scaling == "flat" else max(1, int(round(cap * np.sqrt(n / counts.max()))))
-        out.extend(rng.permutation(np.flatnonzero(labels == c))[:k].tolist())
-    return sorted(out)
-
-
-def describe_items(items):
-    """Caption-like dialogues for the projector-alignment phase: one question, the answers of
-    the item's type/location/extent turns joined as the description."""
-    out = []
-    for it in items:
-        parts = [it["messages"][k["turn"]]["content"] for k in it["answer_key"]
-                 if k["kind"] in ("defect_type", "location", "count", "yield", "area")]
-        if not parts:
-            parts = [it["messages"][it["answer_key"][0]["turn"]]["content"]]
-        msgs = [{"role": "user", "content": "<image>\nDescribe this wafer map."},
-                {"role": "assistant", "content": " ".join(parts)}]
-        out.append(dict(it, id=f"{it['id']}-describe", messages=msgs))
-    return out
-
-
-class DialogueBatches:
-    """Endless, resumable iterator of bucketed batches (epoch e shuffled with seed + e).
-
-    Batches: image float32[B,S,S,3], tokens/loss_mask/attention_mask int32[B,T], valid int32[B]
-    (rows with valid 0 fill the last batch of a bucket and carry no loss)."""
-
-    def __init__(self, encoded, maps, *, image_size, batch_size, pad_id, boundaries, seed):
-        self.encoded, self.maps = encoded, maps
-        self.s, self.b, self.pad, self.bounds, self.seed = (image_size, batch_size, pad_id,
-                                                            boundaries, seed)
-        self.epoch, self.pos = 0, 0
-        self._batches = None
-
-    def _epoch(self):
-        if self._batches is None:
-            self._batches = list(qenc.bucketed_batches(
-                self.encoded, self.b, self.pad, self.bounds, seed=self.seed + self.epoch))
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self._epoch()
-        if self.pos >= len(self._batches):
-            self.epoch, self.pos, self._batches = self.epoch + 1, 0, None
-            self._epoch()
-        batch = dict(self._batches[self.pos])
-        self.pos += 1
-        batch["image"] = images_for(self.maps, batch["image_index"], self.s)
-        return batch
-
-    def get_state(self):
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def set_state(self, state):
-        self.epoch, self.pos, self._batches = int(state["epoch"]), int(state["pos"]), None
-
-
-def images_for(maps, index, size):
-    """float32[B,S,S,3] for map indices (index < 0: an empty row -> zeros)."""
-    out = np.zeros((len(index), size, size, 3), np.float32)
-    for r, i in enumerate(np.asarray(index)):
-        if i >= 0:
-            out[r] = area_resize_onehot(maps[int(i)], size)
-    return out
-
-
-# ------------------------------------------------------------------------------- model
 def find_stage1_checkpoint(workdir) -> str:
     """Path of the stage-1 `state` item: best-on-val if present, else the latest step."""
     root = epath.Path(workdir) / "stage1"
@@ -285,22 +191,6 @@ def restore_stage1_vision(state_dir: str, target_vision):
     return out["params"]["vision"]
 
 
-def effective_params(params, alpha):
-    """Params with LoRA applied (when params holds a 'lora' subtree) for model.apply."""
-    if "lora" not in params:
-        return params
-    base = {k: v for k, v in params.items() if k != "lora"}
-    return lora_lib.apply_lora(base, params["lora"], alpha)
-
-
-def merged_params(params, alpha):
-    """Plain WamGLM params (LoRA merged) for inference/export."""
-    if "lora" not in params:
-        return params
-    base = {k: v for k, v in params.items() if k != "lora"}
-    return lora_lib.merge(base, params["lora"], float(alpha))
-
-
 def lm_loss(logits, tokens, loss_mask):
     """Mean token CE of positions t-1 -> tokens[t] where loss_mask[t] == 1; and token accuracy."""
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)    # float[B,T-1,V]
@@ -317,8 +207,8 @@ def make_train_step(model, alpha):
         mask = batch["loss_mask"] * batch["valid"][:, None]
 
         def loss_fn(params):
-            logits = model.apply({"params": effective_params(params, alpha)}, batch["image"],
-                                 batch["tokens"], batch["attention_mask"])
+            logits = model.apply({"params": lora_lib.effective_params(params, alpha)},
+                                 batch["image"], batch["tokens"], batch["attention_mask"])
             loss, acc, n = lm_loss(logits, batch["tokens"], mask)
             return loss, (acc, n)
 
@@ -501,10 +391,10 @@ def run(config, workdir, mesh=None) -> dict:
 
     # 4. evaluate
     t_eval = time.time()
-    plain = jax.device_get(merged_params(result.state.params, alpha))
+    plain = jax.device_get(lora_lib.merged_params(result.state.params, alpha))
     report = evaluate_and_report(
-        config=config, s2=s2, workdir=workdir, stage_dir=stage_dir, mesh=mesh, rules=rules,
-        model_cfg=model_cfg, params=plain, tok=tok, splits=splits, items=items, kb=kb,
+        stage=STAGE, config=config, s2=s2, workdir=workdir, stage_dir=stage_dir, mesh=mesh,
+        rules=rules, model_cfg=model_cfg, params=plain, tok=tok, splits=splits, items=items, kb=kb,
         result=result, wall_seconds=result.wall_seconds + setup_seconds,
         t_eval=t_eval, extra=dict(vision_source=vision_source, align=align_info,
                                   lm_source=s2.init_lm_from or "random init",
@@ -512,198 +402,3 @@ def run(config, workdir, mesh=None) -> dict:
                                   trained_parameters=n_train, parameters=n_all,
                                   encode_stats=enc_stats, tokenizer=tok_path))
     return report
-
-
-# ------------------------------------------------------------------------------- report
-def evaluate_and_report(*, config, s2, workdir, stage_dir, mesh, rules, model_cfg, params, tok,
-                        splits, items, kb, result, wall_seconds, t_eval, extra) -> dict:
-    """QA evaluation of the model and of the baseline on config.stage2.eval.split; writes
-    qa_records.jsonl, qa.png, report.json and report.md (process 0)."""
-    from wamglm_jax.evaluate import baseline as bl
-    from wamglm_jax.evaluate import qa as qa_eval
-    from wamglm_jax.evaluate.classification import atomic_write_text
-
-    ev = s2.eval
-    split = ev.split if ev.split in items else "val"
-    pool = items[split]
-    pick = np.random.default_rng(int(config.seed) + 99).permutation(len(pool))[:int(ev.num_maps)]
-    eval_items = [pool[i] for i in sorted(pick)]        # a seeded random sample of the split
-    ndev = shd.axis_size(mesh, shd.BATCH_AXES)
-    bs = -(-int(ev.batch_size) // ndev) * ndev
-    summary, records = qa_eval.evaluate_model(
-        model_cfg, params, tok, eval_items, splits[split].maps,
-        max_new_tokens=int(ev.max_new_tokens), batch_size=bs,
-        progress=lambda m: logging.info("stage2 %s", m))
-    logging.info("stage2 %s QA: turn accuracy %.3f, dialogue accuracy %.3f (%d dialogues); "
-                 "held-out phrasings %s", split, summary["turn_accuracy"],
-                 summary["dialogue_accuracy"], summary["n_dialogues"],
-                 summary["heldout"]["turn_accuracy"])
-    baseline = None
-    if ev.baseline:
-        try:
-            baseline = bl.run_baseline(config, workdir, mesh, rules, splits[split], eval_items, kb,
-                                       model_records=records)
-        except FileNotFoundError as e:
-            logging.warning("stage2: no baseline: %s", e)
-            baseline = {"error": str(e)}
-    report = {}
-    if jax.process_index() == 0:
-        write_jsonl(records, os.fspath(stage_dir / "qa_records.jsonl"))
-        png = qa_eval.plot_qa(summary, baseline if baseline and "by_kind" in baseline else None,
-                              result.history, os.fspath(stage_dir / "qa.png"))
-        report = dict(
-            stage=STAGE, steps=int(result.step), final_train_loss=result.final_train_loss,
-            wall_seconds=float(wall_seconds + time.time() - t_eval), eval_split=split,
-            qa=summary["by_kind"], qa_summary={k: v for k, v in summary.items() if k != "by_kind"},
-            baseline=baseline, examples=qa_eval.example_dialogues(records, eval_items,
-                                                                  int(ev.num_examples)),
-            plot=png, history=result.history, **extra)
-        report = json.loads(json.dumps(report, default=_json_default))
-        atomic_write_text(os.fspath(stage_dir / "report.json"), json.dumps(report, indent=2) + "\n")
-        atomic_write_text(os.fspath(stage_dir / "report.md"), report_markdown(report))
-        logging.info("stage2: report %s", stage_dir / "report.json")
-        print(sample_dialogue_text(report), flush=True)
-    return report
-
-
-def sample_dialogue_text(report: dict) -> str:
-    """The first example dialogue as plain text (printed at the end of stage 2)."""
-    if not report.get("examples"):
-        return ""
-    ex = report["examples"][0]
-    lines = [f"--- sample dialogue ({ex['id']}, true class {ex['class']}) ---"]
-    for t in ex["turns"]:
-        if "user" in t:
-            lines.append(f"Q: {t['user']}")
-        else:
-            lines.append(f"A: {t['model']}" + ("" if t["correct"] is None else
-                                                 "   [correct]" if t["correct"] else
-                                                 f"   [wrong; reference: {t['reference']}]"))
-    return "\n".join(lines)
-
-
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
-
-
-def _pct(v):
-    return "n/a" if v is None else f"{100 * v:.1f}%"
-
-
-def report_markdown(r: dict) -> str:
-    lines = [f"# Stage 2 report", "",
-             f"- steps: {r['steps']}, final train loss: {r['final_train_loss']}, "
-             f"wall: {r['wall_seconds']:.0f} s",
-             f"- evaluated on `{r['eval_split']}`: {r['qa_summary']['n_dialogues']} dialogues, "
-             f"{r['qa_summary']['n_turns']} answers (teacher-forced history)",
-             f"- answer accuracy {_pct(r['qa_summary']['turn_accuracy'])}, whole-dialogue "
-             f"accuracy {_pct(r['qa_summary']['dialogue_accuracy'])}; held-out phrasings: "
-             f"{_pct(r['qa_summary']['heldout']['turn_accuracy'])} "
-             f"(dialogues {_pct(r['qa_summary']['heldout']['dialogue_accuracy'])})",
-             ]
-    ans = r["qa_summary"].get("answerable") or {}
-    if ans.get("excluded_kinds"):     # kinds the model's input cannot answer (none by default)
-        lines.append(f"- without {', '.join(ans['excluded_kinds'])} (not answerable from the "
-                     f"model's input): answer accuracy {_pct(ans['turn_accuracy'])}, "
-                     f"whole-dialogue {_pct(ans['dialogue_accuracy'])}")
-    lines += [f"- vision tower: {r.get('vision_source')}", "",
-              "| kind | WamGLM | n | training phrasings | held-out phrasings | "
-              "stage-1 + KB baseline (training / held-out) |",
-              "|---|---|---|---|---|---|"]
-    b = r.get("baseline") or {}
-    base = b.get("by_kind", {})
-    bseen = b.get("seen", {}).get("by_kind", {})
-    bho = b.get("heldout", {}).get("by_kind", {})
-    ho = r["qa_summary"]["heldout"]["by_kind"]
-    seen = r["qa_summary"].get("seen", {}).get("by_kind", {})
-
-    def cell(d, k):
-        return _pct(d[k]["accuracy"]) if k in d else "n/a"
-
-    for k, v in r["qa"].items():
-        split = f" ({cell(bseen, k)} / {cell(bho, k)})" if k in bseen or k in bho else ""
-        lines.append(f"| {k} | {_pct(v['accuracy'])} | {v['n']} | {cell(seen, k)} | "
-                     f"{cell(ho, k)} | {cell(base, k)}{split} |")
-    cd = r["qa_summary"].get("count_diagnostics") or {}
-    if cd.get("n_count_answers"):
-        bins = ", ".join(f"{k} failing: {_pct(v['accuracy'])} (n={v['n']})"
-                         for k, v in cd["by_failing"].items() if v["n"])
-        med = cd["median_rel_error"]
-        lines += ["", f"Failing-die counts ({cd['n_count_answers']} answers): die count copied "
-                      f"from the context line {_pct(cd['die_count_copied'])}; implied failing "
-                      f"share within 10% {_pct(cd['share_within_tol'])}; median relative error "
-                      f"{'n/a' if med is None else f'{100 * med:.1f}%'}; within tolerance by "
-                      f"true count: {bins}."]
-        if cd.get("n_stated"):
-            lines[-1] += (f" Share-first answers ({cd['n_stated']}): stated share within 10% "
-                          f"{_pct(cd['share_stated_within_tol'])}; count within 10% of the "
-                          f"stated share of the stated die count "
-                          f"{_pct(cd['product_within_tol'])}; counts within tolerance had they "
-                          f"been that product exactly {_pct(cd['exact_product_accuracy'])}.")
-    if r.get("baseline") and "classifier_accuracy" in r["baseline"]:
-        lines += ["", f"Baseline classifier accuracy on these maps: "
-                      f"{_pct(r['baseline']['classifier_accuracy'])} "
-                      f"({r['baseline'].get('checkpoint')}); not applicable to the baseline: "
-                      f"{r['baseline']['not_applicable']}."]
-    paired = b.get("paired") or {}
-    if paired:
-        lines += ["", "Answer for answer (the same questions on the same maps; p: exact McNemar "
-                      "test of equal accuracy on the answers where exactly one is right):", "",
-                  "| kind | n | WamGLM | baseline | only WamGLM right | only baseline right | p |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['n']} | {_pct(v['model_accuracy'])} | "
-                  f"{_pct(v['baseline_accuracy'])} | {v['model_only']} | {v['baseline_only']} | "
-                  f"{v['p_value']:.3g} |" for k, v in paired.items()]
-    lines += ["", f"![QA accuracy]({os.path.basename(r['plot'])})", "", "## Example dialogues"]
-    for ex in r.get("examples", []):
-        lines += ["", f"### {ex['id']} ({ex['class']}, held-out phrasing: {ex['heldout']})", ""]
-        for t in ex["turns"]:
-            if "user" in t:
-                lines.append(f"- **Q:** {t['user']}")
-            else:
-                mark = "" if t["correct"] is None else (" (correct)" if t["correct"] else
-                                                        " (wrong)")
-                lines.append(f"  - reference: {t['reference']}")
-                lines.append(f"  - model{mark}: {t['model']}")
-    return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------------- inference
-def load_for_inference(workdir, step: int | None = None):
-    """(model_cfg, plain params on one device, tokenizer) from workdir/stage2: the model config
-    and tokenizer the run wrote, and params/ of the latest (or given) checkpoint's `state`
-    (orbax partial restore of just the params, shapes from the checkpoint metadata), with
-    LoRA adapters merged."""
-    stage_dir = epath.Path(workdir).absolute() / STAGE
-    mc = stage_dir / "model_config.json"
-    if not mc.exists():
-        raise FileNotFoundError(f"{mc}: not found; is {workdir} a stage-2 run directory?")
-    meta = json.loads(mc.read_text())
-    model_cfg = ml_collections.ConfigDict(meta["model"])
-    tok_dir = meta["tokenizer"]
-    if not os.path.isabs(tok_dir):
-        tok_dir = os.path.join(os.fspath(epath.Path(workdir).absolute()), tok_dir)
-    tok = load_tokenizer(tok_dir)
-    ckdir = stage_dir / "checkpoints"
-    steps = sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit()) \
-        if ckdir.exists() else []
-    if not steps:
-        raise FileNotFoundError(f"{ckdir}: no stage-2 checkpoint; train stage 2 first")
-    step = steps[-1] if step is None else int(step)
-    path = os.fspath(ckdir / str(step) / "state")
-    pmeta = saved_tree(path)["params"]
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"params": jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), dict(pmeta))}
-    with ocp.PyTreeCheckpointer() as ckptr:
-        params = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))["params"]
-    params = merged_params(params, float(meta.get("lora_alpha", 16.0)))
-    return model_cfg, params, tok

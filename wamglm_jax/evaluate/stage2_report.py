@@ -1,0 +1,174 @@
+"""Stage-2 evaluation and report: the model's QA answers and the stage-1 + knowledge-base
+baseline on config.stage2.eval.split, written as qa_records.jsonl, qa.png, report.json and
+report.md (tables per question kind, count diagnostics, the answer-for-answer comparison with
+the baseline, example dialogues)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from wamglm_jax.evaluate import baseline as bl
+from wamglm_jax.evaluate import qa as qa_eval
+from wamglm_jax.evaluate.classification import atomic_write_text
+from wamglm_jax.parallel import sharding as shd
+from wamglm_jax.qa.io import write_jsonl
+
+
+def evaluate_and_report(*, stage, config, s2, workdir, stage_dir, mesh, rules, model_cfg, params,
+                        tok, splits, items, kb, result, wall_seconds, t_eval, extra) -> dict:
+    """QA evaluation of the model and of the baseline on config.stage2.eval.split; writes
+    qa_records.jsonl, qa.png, report.json and report.md (process 0)."""
+    ev = s2.eval
+    split = ev.split if ev.split in items else "val"
+    pool = items[split]
+    pick = np.random.default_rng(int(config.seed) + 99).permutation(len(pool))[:int(ev.num_maps)]
+    eval_items = [pool[i] for i in sorted(pick)]        # a seeded random sample of the split
+    ndev = shd.axis_size(mesh, shd.BATCH_AXES)
+    bs = -(-int(ev.batch_size) // ndev) * ndev
+    summary, records = qa_eval.evaluate_model(
+        model_cfg, params, tok, eval_items, splits[split].maps,
+        max_new_tokens=int(ev.max_new_tokens), batch_size=bs,
+        progress=lambda m: logging.info("stage2 %s", m))
+    logging.info("stage2 %s QA: turn accuracy %.3f, dialogue accuracy %.3f (%d dialogues); "
+                 "held-out phrasings %s", split, summary["turn_accuracy"],
+                 summary["dialogue_accuracy"], summary["n_dialogues"],
+                 summary["heldout"]["turn_accuracy"])
+    baseline = None
+    if ev.baseline:
+        try:
+            baseline = bl.run_baseline(config, workdir, mesh, rules, splits[split], eval_items, kb,
+                                       model_records=records)
+        except FileNotFoundError as e:
+            logging.warning("stage2: no baseline: %s", e)
+            baseline = {"error": str(e)}
+    report = {}
+    if jax.process_index() == 0:
+        write_jsonl(records, os.fspath(stage_dir / "qa_records.jsonl"))
+        png = qa_eval.plot_qa(summary, baseline if baseline and "by_kind" in baseline else None,
+                              result.history, os.fspath(stage_dir / "qa.png"))
+        report = dict(
+            stage=stage, steps=int(result.step), final_train_loss=result.final_train_loss,
+            wall_seconds=float(wall_seconds + time.time() - t_eval), eval_split=split,
+            qa=summary["by_kind"], qa_summary={k: v for k, v in summary.items() if k != "by_kind"},
+            baseline=baseline, examples=qa_eval.example_dialogues(records, eval_items,
+                                                                  int(ev.num_examples)),
+            plot=png, history=result.history, **extra)
+        report = json.loads(json.dumps(report, default=_json_default))
+        atomic_write_text(os.fspath(stage_dir / "report.json"), json.dumps(report, indent=2) + "\n")
+        atomic_write_text(os.fspath(stage_dir / "report.md"), report_markdown(report))
+        logging.info("stage2: report %s", stage_dir / "report.json")
+        print(sample_dialogue_text(report), flush=True)
+    return report
+
+
+def sample_dialogue_text(report: dict) -> str:
+    """The first example dialogue as plain text (printed at the end of stage 2)."""
+    if not report.get("examples"):
+        return ""
+    ex = report["examples"][0]
+    lines = [f"--- sample dialogue ({ex['id']}, true class {ex['class']}) ---"]
+    for t in ex["turns"]:
+        if "user" in t:
+            lines.append(f"Q: {t['user']}")
+        else:
+            lines.append(f"A: {t['model']}" + ("" if t["correct"] is None else
+                                                 "   [correct]" if t["correct"] else
+                                                 f"   [wrong; reference: {t['reference']}]"))
+    return "\n".join(lines)
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def _pct(v):
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def report_markdown(r: dict) -> str:
+    lines = ["# Stage 2 report", "",
+             f"- steps: {r['steps']}, final train loss: {r['final_train_loss']}, "
+             f"wall: {r['wall_seconds']:.0f} s",
+             f"- evaluated on `{r['eval_split']}`: {r['qa_summary']['n_dialogues']} dialogues, "
+             f"{r['qa_summary']['n_turns']} answers (teacher-forced history)",
+             f"- answer accuracy {_pct(r['qa_summary']['turn_accuracy'])}, whole-dialogue "
+             f"accuracy {_pct(r['qa_summary']['dialogue_accuracy'])}; held-out phrasings: "
+             f"{_pct(r['qa_summary']['heldout']['turn_accuracy'])} "
+             f"(dialogues {_pct(r['qa_summary']['heldout']['dialogue_accuracy'])})",
+             ]
+    ans = r["qa_summary"].get("answerable") or {}
+    if ans.get("excluded_kinds"):     # kinds the model's input cannot answer (none by default)
+        lines.append(f"- without {', '.join(ans['excluded_kinds'])} (not answerable from the "
+                     f"model's input): answer accuracy {_pct(ans['turn_accuracy'])}, "
+                     f"whole-dialogue {_pct(ans['dialogue_accuracy'])}")
+    lines += [f"- vision tower: {r.get('vision_source')}", "",
+              "| kind | WamGLM | n | training phrasings | held-out phrasings | "
+              "stage-1 + KB baseline (training / held-out) |",
+              "|---|---|---|---|---|---|"]
+    b = r.get("baseline") or {}
+    base = b.get("by_kind", {})
+    bseen = b.get("seen", {}).get("by_kind", {})
+    bho = b.get("heldout", {}).get("by_kind", {})
+    ho = r["qa_summary"]["heldout"]["by_kind"]
+    seen = r["qa_summary"].get("seen", {}).get("by_kind", {})
+
+    def cell(d, k):
+        return _pct(d[k]["accuracy"]) if k in d else "n/a"
+
+    for k, v in r["qa"].items():
+        split = f" ({cell(bseen, k)} / {cell(bho, k)})" if k in bseen or k in bho else ""
+        lines.append(f"| {k} | {_pct(v['accuracy'])} | {v['n']} | {cell(seen, k)} | "
+                     f"{cell(ho, k)} | {cell(base, k)}{split} |")
+    cd = r["qa_summary"].get("count_diagnostics") or {}
+    if cd.get("n_count_answers"):
+        bins = ", ".join(f"{k} failing: {_pct(v['accuracy'])} (n={v['n']})"
+                         for k, v in cd["by_failing"].items() if v["n"])
+        med = cd["median_rel_error"]
+        lines += ["", f"Failing-die counts ({cd['n_count_answers']} answers): die count copied "
+                      f"from the context line {_pct(cd['die_count_copied'])}; implied failing "
+                      f"share within 10% {_pct(cd['share_within_tol'])}; median relative error "
+                      f"{'n/a' if med is None else f'{100 * med:.1f}%'}; within tolerance by "
+                      f"true count: {bins}."]
+        if cd.get("n_stated"):
+            lines[-1] += (f" Share-first answers ({cd['n_stated']}): stated share within 10% "
+                          f"{_pct(cd['share_stated_within_tol'])}; count within 10% of the "
+                          f"stated share of the stated die count "
+                          f"{_pct(cd['product_within_tol'])}; counts within tolerance had they "
+                          f"been that product exactly {_pct(cd['exact_product_accuracy'])}.")
+    if r.get("baseline") and "classifier_accuracy" in r["baseline"]:
+        lines += ["", f"Baseline classifier accuracy on these maps: "
+                      f"{_pct(r['baseline']['classifier_accuracy'])} "
+                      f"({r['baseline'].get('checkpoint')}); not applicable to the baseline: "
+                      f"{r['baseline']['not_applicable']}."]
+    paired = b.get("paired") or {}
+    if paired:
+        lines += ["", "Answer for answer (the same questions on the same maps; p: exact McNemar "
+                      "test of equal accuracy on the answers where exactly one is right):", "",
+                  "| kind | n | WamGLM | baseline | only WamGLM right | only baseline right | p |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['n']} | {_pct(v['model_accuracy'])} | "
+                  f"{_pct(v['baseline_accuracy'])} | {v['model_only']} | {v['baseline_only']} | "
+                  f"{v['p_value']:.3g} |" for k, v in paired.items()]
+    lines += ["", f"![QA accuracy]({os.path.basename(r['plot'])})", "", "## Example dialogues"]
+    for ex in r.get("examples", []):
+        lines += ["", f"### {ex['id']} ({ex['class']}, held-out phrasing: {ex['heldout']})", ""]
+        for t in ex["turns"]:
+            if "user" in t:
+                lines.append(f"- **Q:** {t['user']}")
+            else:
+                mark = "" if t["correct"] is None else (" (correct)" if t["correct"] else
+                                                        " (wrong)")
+                lines.append(f"  - reference: {t['reference']}")
+                lines.append(f"  - model{mark}: {t['model']}")
+    return "\n".join(lines) + "\n"
