@@ -1,5 +1,4 @@
 """Every file reader on small files in the real layouts, and every bad input."""
-import warnings
 
 import numpy as np
 import pytest

@@ -1,5 +1,4 @@
 """Stage-1 pieces that need no training: TTA transforms, class weights, config validation."""
-import ml_collections
 import numpy as np
 import pytest
 

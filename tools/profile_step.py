@@ -120,7 +120,6 @@ def load_config(spec: str):
 
 # ----------------------------------------------------------------------------- steps
 def build_stage2(config, batch_size, seq_len, mesh, rules):
-    import jax
     import numpy as np
 
     from wamglm_jax.models.wamglm import WamGLM, num_image_tokens

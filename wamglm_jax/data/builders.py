@@ -22,7 +22,6 @@ import tensorflow_datasets as tfds
 
 from wamglm_jax.data import labels as L
 from wamglm_jax.data.dataset import DatasetFormatError, WaferDataset, concat
-from wamglm_jax.data.generator import generate
 
 SUMMARY = "dataset.json"
 _VERSION = tfds.core.Version("1.0.0")

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import zipfile
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from wamglm_jax.data import labels as L
-from wamglm_jax.data.wafer import FAIL, GOOD, OFF, WaferMapError, check_map
 
 UNLABELED = -1
 

@@ -33,7 +33,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import jax
 import ml_collections
