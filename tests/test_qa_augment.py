@@ -1,11 +1,15 @@
-"""qa/augment.py question-wording noise and stage-2 training-map selection (capped_indices)."""
+"""qa/augment.py question-wording noise and neutral frames, and stage-2 training-map selection
+(capped_indices)."""
 import collections
+import re
 
 import numpy as np
 import pytest
 
 from wamglm_jax.data.generator import generate
-from wamglm_jax.qa.augment import filler_vocabulary, noise_questions, question_words
+from wamglm_jax.qa import phrasings
+from wamglm_jax.qa.augment import (filler_vocabulary, frame_questions, noise_questions,
+                                    question_words)
 from wamglm_jax.qa.dialogues import build_dialogues
 from wamglm_jax.train.stage2_data import capped_indices
 
@@ -64,6 +68,51 @@ def test_noise_fraction_and_determinism(items):
 def test_noise_rejects_bad_probabilities(items, field, kw):
     with pytest.raises(ValueError, match=f"question_noise.{field}"):
         noise_questions(items, seed=0, **kw)
+
+
+def _words(texts):
+    return {w.lower() for s in texts
+            for w in re.findall(r"[A-Za-z][A-Za-z\-']*", re.sub(r"\{\w+\}", "", s))}
+
+
+def test_frames_use_no_word_only_heldout_phrasings_use():
+    train = _words(q for v in phrasings.TRAIN.values() for q in v)
+    heldout_only = _words(q for v in phrasings.HELDOUT.values() for q in v) - train
+    assert {"identify", "signature", "tally", "whereabouts"} <= heldout_only   # the check bites
+    assert not _words(phrasings.FRAMES) & heldout_only
+    for f in phrasings.FRAMES:                        # every frame holds the question once
+        assert f.count("{q}") + f.count("{lc}") == 1, f
+
+
+def test_frames_wrap_only_the_question_line(items):
+    out, n = frame_questions(items, prob=1.0, seed=3)
+    n_user = sum(m["role"] == "user" for it in items for m in it["messages"])
+    assert n == n_user and len(out) == len(items)
+    used = collections.Counter()
+    for a, b in zip(items, out):
+        assert "question_frames" not in a and b["question_frames"] == sum(
+            m["role"] == "user" for m in a["messages"])              # copies, not in place
+        for ma, mb in zip(a["messages"], b["messages"]):
+            if ma["role"] == "assistant":
+                assert ma == mb
+                continue
+            assert ma["content"].rsplit("\n", 1)[:-1] == mb["content"].rsplit("\n", 1)[:-1]
+            q, new = _question(ma["content"]), _question(mb["content"])
+            hits = [f for f in phrasings.FRAMES
+                    if new == f.replace("{q}", q).replace("{lc}", q[0].lower() + q[1:])]
+            assert len(hits) == 1, (q, new)
+            used[hits[0]] += 1
+    assert set(used) == set(phrasings.FRAMES)          # ~300 questions: every frame drawn
+
+
+def test_frames_fraction_determinism_and_bad_probability(items):
+    out1, n1 = frame_questions(items, prob=0.3, seed=7)
+    assert (out1, n1) == frame_questions(items, prob=0.3, seed=7)
+    n_user = sum(m["role"] == "user" for it in items for m in it["messages"])
+    assert 0.22 * n_user < n1 < 0.38 * n_user
+    assert frame_questions(items, prob=0.0, seed=7) == (list(items), 0)
+    with pytest.raises(ValueError, match=r"question_frames.prob=1.5"):
+        frame_questions(items, prob=1.5, seed=0)
 
 
 def test_capped_indices_flat_and_sqrt():

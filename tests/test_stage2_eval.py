@@ -246,3 +246,36 @@ def test_bad_count_form_names_the_config_field(tmp_path):
                                          r"\('share_first', 'count_first'\)"):
         stage2.run(config, str(tmp_path))
     assert not (tmp_path / "stage2" / "report.json").exists()
+
+
+def test_question_frames_reach_the_training_dialogues(tmp_path, monkeypatch):
+    """config.stage2.question_frames.prob frames the training questions before the tokenizer
+    is trained on them (stopped there: no training); a bad value names the field and nothing
+    is written."""
+    from configs import quickstart
+    from wamglm_jax.qa import phrasings
+    from wamglm_jax.train import stage2
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_tokenizer(s2, workdir, train_items):
+        seen["items"] = train_items
+        raise Stop
+
+    monkeypatch.setattr(stage2, "get_tokenizer", fake_tokenizer)
+    config = quickstart.get_config("ci")
+    config.stage2.question_frames.prob = 1.0
+    with pytest.raises(Stop):
+        stage2.run(config, str(tmp_path / "ok"))
+    questions = [m["content"].rsplit("\n", 1)[-1] for it in seen["items"]
+                 for m in it["messages"] if m["role"] == "user"]
+    prefixes = [f.split("{")[0] for f in phrasings.FRAMES if not f.startswith("{")]
+    suffixes = [f.split("}")[-1] for f in phrasings.FRAMES if f.startswith("{q}")]
+    assert questions and all(any(q.startswith(p) for p in prefixes) or
+                             any(q.endswith(s) for s in suffixes) for q in questions)
+    config.stage2.question_frames.prob = 1.5
+    with pytest.raises(ValueError, match=r"config.stage2.question_frames.prob=1.5"):
+        stage2.run(config, str(tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "stage2" / "vmqa").exists()

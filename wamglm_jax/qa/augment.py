@@ -14,6 +14,13 @@ model to confuse the two.
 Only the question text changes: the `<image>` marker, the context lines (die count, lot) and
 every answer (the training targets) are untouched. The evaluation's held-out phrasings are not looked at:
 the filler words come from the training answers only.
+
+`frame_questions` wraps a fraction of the training questions in neutral frames
+(phrasings.FRAMES: "Quick question: ...", "... Thanks.") so that words which occur in one kind's
+phrasings only by chance ("this map" in a yield question) stop being read as the kind. It was
+added after one held-out phrasing ("Identify the failure signature on this map.") was answered
+as a yield in almost every dialogue of one real-data run (README); the frames use no word that
+only held-out phrasings use.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from wamglm_jax.data.labels import WM811K_CLASSES
-from wamglm_jax.qa.phrasings import TRAIN, ZONE_WORDS
+from wamglm_jax.qa.phrasings import FRAMES, TRAIN, ZONE_WORDS
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z\-']*")
 
@@ -105,4 +112,36 @@ def noise_questions(items: Sequence[dict], *, dialogue_prob: float, word_prob: f
             msgs.append(m)
         out.append(dict(it, messages=msgs, question_noise=True))
         n += 1
+    return out, n
+
+
+def frame_question(question: str, frame: str) -> str:
+    """The question inside a frame of phrasings.FRAMES ({q}: as written, {lc}: first letter
+    lower-cased)."""
+    return frame.format(q=question, lc=question[:1].lower() + question[1:])
+
+
+def frame_questions(items: Sequence[dict], *, prob: float, seed: int,
+                    frames: Sequence[str] = FRAMES) -> tuple[list[dict], int]:
+    """(items with framed questions, how many questions were framed). Each user turn's question
+    is framed with probability `prob` by a random frame; only the question line changes. Items
+    are copied, never modified in place. Deterministic given `seed`."""
+    if not 0.0 <= float(prob) <= 1.0:
+        raise ValueError(f"config.stage2.question_frames.prob={prob}: expected a probability "
+                         "in [0, 1]")
+    if prob <= 0:
+        return list(items), 0
+    rng = np.random.default_rng([int(seed), 0xF4A3E])
+    out, n = [], 0
+    for it in items:
+        msgs, framed = [], 0
+        for m in it["messages"]:
+            if m["role"] == "user" and rng.random() < prob:
+                head, q = _split_question(m["content"])
+                frame = frames[int(rng.integers(len(frames)))]
+                m = dict(m, content=head + frame_question(q, frame))
+                framed += 1
+            msgs.append(m)
+        out.append(dict(it, messages=msgs, question_frames=framed) if framed else it)
+        n += framed
     return out, n

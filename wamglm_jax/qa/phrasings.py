@@ -139,3 +139,24 @@ HELDOUT = {
 }
 
 ZONE_WORDS = {"center": "center", "middle": "middle ring", "edge": "edge"}
+
+# Neutral frames around a training question (qa/augment.py `frame_questions`): "{q}" is the
+# question as written, "{lc}" the same with its first letter in lower case. They add words that
+# say nothing about what is asked, in every kind's questions alike, so that words like "this
+# map" or "wafer" stop being cues for one kind ("What yield does this map have?"). They use no
+# word that only the held-out phrasings use (tests/test_qa_augment.py checks it), so the
+# held-out phrasings stay unseen.
+FRAMES = [
+    "Quick question: {q}",
+    "Next question. {q}",
+    "Please answer this: {q}",
+    "About this wafer map: {q}",
+    "I have one more question. {q}",
+    "Based on the image, {lc}",
+    "For this wafer, {lc}",
+    "Given this map, {lc}",
+    "{q} Please be brief.",
+    "{q} Thanks.",
+    "{q} Answer in one sentence.",
+    "{q} I need this for my notes.",
+]

@@ -52,7 +52,7 @@ from wamglm_jax.models.wamglm import WamGLM, check_image_tokens, num_image_token
 from wamglm_jax.parallel import sharding as shd
 from wamglm_jax.qa import encode as qenc
 from wamglm_jax.qa.answers import COUNT_FORMS
-from wamglm_jax.qa.augment import noise_questions
+from wamglm_jax.qa.augment import frame_questions, noise_questions
 from wamglm_jax.qa.dialogues import build_dialogues
 from wamglm_jax.qa.io import write_jsonl
 from wamglm_jax.qa.knowledge_base import load_knowledge_base
@@ -80,6 +80,7 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
                                     # 'sqrt' (the largest class gets max_per_class maps, class c
                                     # max_per_class * sqrt(n_c / n_max): stage 1's sqrt prior)
         question_noise=dict(dialogue_prob=0.5, word_prob=0.25),   # qa/augment.py; 0 = off
+        question_frames=dict(prob=0.0),   # > 0: neutral frames around training questions
         eval_heldout_fraction=0.5,  # val/test dialogues with held-out phrasings/orders
         vocab_size=1024,            # tokenizer training
         tokenizer_dir="",           # a pretrained HF tokenizer instead of training one
@@ -293,6 +294,11 @@ def run(config, workdir, mesh=None) -> dict:
                                           heldout=float(s2.eval_heldout_fraction), kb=kb,
                                           id_prefix=f"{name}-",
                                           count_form=str(s2.count_form))
+    items["train"], n_framed = frame_questions(items["train"], seed=seed,
+                                               prob=float(s2.question_frames.prob))
+    if n_framed:
+        logging.info("stage2: neutral frames around %d training questions (prob %.2f)", n_framed,
+                     float(s2.question_frames.prob))
     tok, tok_path = get_tokenizer(s2, workdir, items["train"])
     qn = s2.question_noise
     items["train"], n_noised = noise_questions(items["train"], seed=seed,
