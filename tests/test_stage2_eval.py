@@ -19,12 +19,12 @@ def data():
 def _records(items, answer_fn):
     recs = []
     for it in items:
-        for t, kind, want, _ in qa_eval.turn_prompts(it):
+        for step, (t, kind, want, _) in enumerate(qa_eval.turn_prompts(it)):
             text = answer_fn(it, t, kind)
             parsed = parse_answer(kind, text)
             recs.append(dict(id=it["id"], turn=t, kind=kind, expected=want, parsed=parsed,
                              correct=qa_eval.score(kind, parsed, want, text),
-                             heldout=it["heldout"]))
+                             heldout=it["heldout"], phrasing=qa_eval.phrasing_of(it, step)))
     return recs
 
 
@@ -192,6 +192,57 @@ def test_report_markdown_lists_every_kind(data):
             cols.append(f"{100 * np.mean(ok):.1f}%" if ok else "n/a")
         assert f"| {kind} | {100 * v['accuracy']:.1f}% | {v['n']} | {cols[0]} | {cols[1]} |" \
             in md
+
+
+def test_phrasing_of_names_the_question_asked(data):
+    """The template phrasing_of gives matches the question line of the user turn (with the
+    {zone} / {pattern} slots as wildcards), for held-out and training items alike."""
+    import re
+    _, items = data
+    n = 0
+    for it in items:
+        for step, (t, kind, _, msgs) in enumerate(qa_eval.turn_prompts(it)):
+            q = msgs[-1]["content"].rsplit("\n", 1)[-1]
+            tpl = qa_eval.phrasing_of(it, step)
+            pat = re.escape(tpl).replace(r"\{zone\}", ".+").replace(r"\{pattern\}", ".+")
+            assert re.fullmatch(pat, q), (tpl, q)
+            n += 1
+    assert n > 200 and qa_eval.phrasing_of({"messages": []}, 0) is None
+
+
+def test_heldout_phrasings_recounted(data):
+    """summarize's per-phrasing list against a count over the question texts themselves; a
+    model that misreads one held-out phrasing shows as that row only."""
+    from wamglm_jax.evaluate.stage2_report import report_markdown
+    from wamglm_jax.qa.phrasings import HELDOUT
+    _, items = data
+    bad = HELDOUT["defect_type"][0]
+    def answer(it, t, kind):              # the yield for every question of that phrasing
+        if it["heldout"] and it["messages"][t - 1]["content"].endswith(bad):
+            return "The yield is 90%."
+        return it["messages"][t]["content"]
+
+    recs = _records(items, answer)
+    s = qa_eval.summarize(recs)
+    rows = {(h["kind"], h["phrasing"]): h for h in s["heldout_phrasings"]}
+    want = {}
+    for it in items:
+        if not it["heldout"]:
+            continue
+        for t, kind, _, msgs in qa_eval.turn_prompts(it):
+            q = msgs[-1]["content"].rsplit("\n", 1)[-1]
+            hits = [p for p in HELDOUT[kind] if "{" not in p and p == q]
+            if hits:
+                want.setdefault((kind, hits[0]), []).append(q != bad)
+    assert want and all(rows[k]["n"] == len(v) and rows[k]["accuracy"] == np.mean(v)
+                        for k, v in want.items())
+    assert rows[("defect_type", bad)]["accuracy"] == 0.0
+    assert all(h["accuracy"] == 1.0 for h in s["heldout_phrasings"] if h["phrasing"] != bad)
+    report = dict(steps=3, final_train_loss=1.0, wall_seconds=2.0, eval_split="val",
+                  qa=s["by_kind"], qa_summary={k: v for k, v in s.items() if k != "by_kind"},
+                  baseline=None, plot="/x/qa.png", examples=[])
+    assert f"| defect_type | {bad} | 0.0% | {rows[('defect_type', bad)]['n']} |" in \
+        report_markdown(report)
 
 
 def test_mcnemar_p_matches_scipy_binomtest():

@@ -32,6 +32,7 @@ import numpy as np
 
 from wamglm_jax.qa.answers import parse_answer
 from wamglm_jax.qa.encode import encode_prompt
+from wamglm_jax.qa.phrasings import HELDOUT, TRAIN
 
 COUNT_REL_TOL = 0.10
 PCT_TOL = 3.0
@@ -89,6 +90,16 @@ def score(kind: str, pred: Any, want: Any, text: str | None = None) -> bool:
     raise ValueError(f"score: unknown question kind {kind!r}")
 
 
+def phrasing_of(item: dict, step: int) -> str | None:
+    """The question template asked at plan step `step` (the bank the item drew from: held-out
+    or training phrasings), or None for items without a plan."""
+    plan = item.get("plan")
+    if not plan or step >= len(plan):
+        return None
+    bank = HELDOUT if item.get("heldout") else TRAIN
+    return bank[plan[step]["kind"]][int(plan[step]["q"])]
+
+
 def turn_prompts(item: dict) -> list[tuple[int, str, Any, list[dict]]]:
     """[(turn index, kind, expected value, messages before that turn)] for one item."""
     out = []
@@ -102,14 +113,16 @@ def generate_answers(generator, tok, items: Sequence[dict], images: Callable[[in
                      *, num_image_tokens: int, gen, batch_size: int,
                      progress: Callable[[str], None] | None = None) -> list[dict]:
     """One record per assistant turn: {id, turn, kind, expected, answer, parsed, correct,
-    heldout, image_index}. images(image_index) -> float[S,S,3]. Batches hold prompts of
-    similar length (sorted) and always `batch_size` rows (padded by repetition) so the
-    jitted generator sees a few static shapes only."""
+    heldout, phrasing (the question template asked; phrasing_of), image_index}.
+    images(image_index) -> float[S,S,3]. Batches hold prompts of similar length (sorted) and
+    always `batch_size` rows (padded by repetition) so the jitted generator sees a few static
+    shapes only."""
     jobs = []
     for it in items:
-        for t, kind, want, msgs in turn_prompts(it):
+        for step, (t, kind, want, msgs) in enumerate(turn_prompts(it)):
             ids = encode_prompt(tok, msgs, num_image_tokens=num_image_tokens)
-            jobs.append(dict(item=it, turn=t, kind=kind, expected=want, ids=ids.tolist()))
+            jobs.append(dict(item=it, turn=t, kind=kind, expected=want, ids=ids.tolist(),
+                             phrasing=phrasing_of(it, step)))
     order = sorted(range(len(jobs)), key=lambda j: len(jobs[j]["ids"]))
     answers: dict[int, list[int]] = {}
     for s in range(0, len(order), batch_size):
@@ -133,14 +146,16 @@ def generate_answers(generator, tok, items: Sequence[dict], images: Callable[[in
         records.append(dict(id=it["id"], turn=job["turn"], kind=job["kind"],
                             expected=job["expected"], answer=text, parsed=parsed,
                             correct=bool(ok), heldout=bool(it.get("heldout", False)),
-                            image_index=int(it["image_index"])))
+                            phrasing=job["phrasing"], image_index=int(it["image_index"])))
     return records
 
 
 def summarize(records: Sequence[dict]) -> dict:
     """{'by_kind': {kind: {accuracy, n}}, 'dialogue_accuracy', 'turn_accuracy', 'n_dialogues',
     'count_diagnostics', 'heldout': {...same for held-out items}, 'seen': {...training
-    phrasings}}."""
+    phrasings}, 'heldout_phrasings': [{kind, phrasing, accuracy, n}] per held-out question
+    template}. With only a few held-out phrasings per kind, one phrasing the model misreads
+    moves the held-out figure by a third; the per-phrasing list shows which."""
     def part(recs):
         by = defaultdict(list)
         dlg = defaultdict(list)
@@ -158,6 +173,12 @@ def summarize(records: Sequence[dict]) -> dict:
     out["count_diagnostics"] = count_diagnostics(records)
     out["heldout"] = part([r for r in records if r["heldout"]])
     out["seen"] = part([r for r in records if not r["heldout"]])
+    by_phrasing = defaultdict(list)
+    for r in records:
+        if r["heldout"] and r.get("phrasing") is not None:
+            by_phrasing[(r["kind"], r["phrasing"])].append(r["correct"])
+    out["heldout_phrasings"] = [{"kind": k, "phrasing": q, "accuracy": float(np.mean(v)),
+                                 "n": len(v)} for (k, q), v in sorted(by_phrasing.items())]
     # kinds listed in NOT_FROM_INPUTS (none now: `batch` gets the lot context line) are left
     # out of this second dialogue accuracy.
     ans = part([r for r in records if r["kind"] not in NOT_FROM_INPUTS])

@@ -146,6 +146,13 @@ def report_markdown(r: dict) -> str:
                           f"stated share of the stated die count "
                           f"{_pct(cd['product_within_tol'])}; counts within tolerance had they "
                           f"been that product exactly {_pct(cd['exact_product_accuracy'])}.")
+    hp = r["qa_summary"].get("heldout_phrasings") or []
+    if hp:
+        lines += ["", "Held-out phrasings one by one (a phrasing the model misreads shows here "
+                      "as one low row rather than as a lower held-out column):", "",
+                  "| kind | held-out phrasing | accuracy | n |", "|---|---|---|---|"]
+        lines += [f"| {h['kind']} | {h['phrasing']} | {_pct(h['accuracy'])} | {h['n']} |"
+                  for h in hp]
     if r.get("baseline") and "classifier_accuracy" in r["baseline"]:
         lines += ["", f"Baseline classifier accuracy on these maps: "
                       f"{_pct(r['baseline']['classifier_accuracy'])} "
