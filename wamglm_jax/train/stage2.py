@@ -81,6 +81,7 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
                                     # max_per_class * sqrt(n_c / n_max): stage 1's sqrt prior)
         question_noise=dict(dialogue_prob=0.5, word_prob=0.25),   # qa/augment.py; 0 = off
         question_frames=dict(prob=0.0),   # > 0: neutral frames around training questions
+                                          # (qa/augment.py); off: README "Neutral frames"
         eval_heldout_fraction=0.5,  # val/test dialogues with held-out phrasings/orders
         vocab_size=1024,            # tokenizer training
         tokenizer_dir="",           # a pretrained HF tokenizer instead of training one
