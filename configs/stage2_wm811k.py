@@ -72,8 +72,8 @@ def get_config(arg: str = ""):
     config.stage2.max_per_class = 1600          # none 1600 ... Near-full 89 (all of it)
     config.stage2.class_scaling = "sqrt"        # the prior stage 1's sqrt sampling gives
     config.stage2.per_map = 3
-    config.stage2.count_form = "count_first"    # measured on real data with 3 seeds; the
-                                                # share-first run broke held-out defect type
+    config.stage2.count_form = "count_first"    # share-first misread a held-out defect-type
+                                                # phrasing in 3 of 4 real-data runs (docstring)
     config.stage2.batch_size = 16
     config.stage2.loop.num_steps = 3000
     config.stage2.loop.checkpoint_every = 500

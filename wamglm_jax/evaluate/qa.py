@@ -32,7 +32,7 @@ import numpy as np
 
 from wamglm_jax.qa.answers import parse_answer
 from wamglm_jax.qa.encode import encode_prompt
-from wamglm_jax.qa.phrasings import HELDOUT, TRAIN
+from wamglm_jax.qa.dialogues import question_template
 
 COUNT_REL_TOL = 0.10
 PCT_TOL = 3.0
@@ -96,8 +96,7 @@ def phrasing_of(item: dict, step: int) -> str | None:
     plan = item.get("plan")
     if not plan or step >= len(plan):
         return None
-    bank = HELDOUT if item.get("heldout") else TRAIN
-    return bank[plan[step]["kind"]][int(plan[step]["q"])]
+    return question_template(plan[step], bool(item.get("heldout")))
 
 
 def turn_prompts(item: dict) -> list[tuple[int, str, Any, list[dict]]]:

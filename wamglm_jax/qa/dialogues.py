@@ -173,16 +173,21 @@ def answer_value(kind: str, step: dict, m: np.ndarray, types: list[str], facts: 
     raise ValueError(f"unknown question kind {kind!r}")
 
 
+def question_template(step: dict, heldout: bool) -> str:
+    """The phrasing a plan step asks, slots ({zone}, {pattern}) unfilled: from the held-out
+    bank for held-out dialogues, else from the training one."""
+    return (HELDOUT if heldout else TRAIN)[step["kind"]][int(step["q"])]
+
+
 def render_dialogue(m: np.ndarray, label_space: str, label: int, lot_context: dict,
                     plan: list[dict], heldout: bool, kb: KnowledgeBase,
                     count_form: str = "share_first") -> tuple[list[dict], list[dict]]:
     """Messages and answer key for `plan` on map `m` (facts recomputed from `m`)."""
     facts = F.compute_facts(m)
     types = sorted(defect_set(label_space, label), key=WM811K_CLASSES.index)
-    bank = HELDOUT if heldout else TRAIN
     messages, key = [], []
     for t, step in enumerate(plan):
-        q = bank[step["kind"]][step["q"]]
+        q = question_template(step, heldout)
         if step.get("zone") or step.get("pattern"):
             q = q.format(zone=ZONE_WORDS.get(step.get("zone"), ""),
                          pattern=step.get("pattern"))
