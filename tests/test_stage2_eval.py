@@ -326,7 +326,25 @@ def test_question_frames_reach_the_training_dialogues(tmp_path, monkeypatch):
     suffixes = [f.split("}")[-1] for f in phrasings.FRAMES if f.startswith("{q}")]
     assert questions and all(any(q.startswith(p) for p in prefixes) or
                              any(q.endswith(s) for s in suffixes) for q in questions)
-    config.stage2.question_frames.prob = 1.5
-    with pytest.raises(ValueError, match=r"config.stage2.question_frames.prob=1.5"):
+
+
+@pytest.mark.parametrize("field,value", [("question_frames.prob", 1.5),
+                                         ("question_noise.dialogue_prob", -0.1),
+                                         ("question_noise.word_prob", 2.0)])
+def test_bad_question_augmentation_fails_before_anything_is_built(tmp_path, monkeypatch, field,
+                                                                  value):
+    """A probability outside [0, 1] names its field before any data is read or written."""
+    from configs import quickstart
+    from wamglm_jax.train import stage2
+
+    def no_data(*a, **k):
+        raise AssertionError("data loaded before the config was checked")
+
+    monkeypatch.setattr(stage2, "load_splits", no_data)
+    config = quickstart.get_config("ci")
+    group, name = field.split(".")
+    config.stage2[group][name] = value
+    with pytest.raises(ValueError, match=rf"config.stage2.{field}={value}: expected a "
+                                         r"probability in \[0, 1\]"):
         stage2.run(config, str(tmp_path / "bad"))
-    assert not (tmp_path / "bad" / "stage2" / "vmqa").exists()
+    assert not (tmp_path / "bad").exists()

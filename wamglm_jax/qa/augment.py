@@ -88,15 +88,19 @@ def noise_question(question: str, rng: np.random.Generator, fillers: Sequence[st
     return " ".join(out)
 
 
+def check_probability(field: str, p) -> None:
+    """ValueError naming `field` unless p is a probability in [0, 1]."""
+    if not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"{field}={p}: expected a probability in [0, 1]")
+
+
 def noise_questions(items: Sequence[dict], *, dialogue_prob: float, word_prob: float,
                     seed: int, fillers: Sequence[str] | None = None) -> tuple[list[dict], int]:
     """(items with noised questions, how many dialogues were noised). A dialogue is chosen
     with probability dialogue_prob; then every user turn's question is noised. Items are
     copied, never modified in place. Deterministic given `seed`."""
-    for name, p in (("dialogue_prob", dialogue_prob), ("word_prob", word_prob)):
-        if not 0.0 <= float(p) <= 1.0:
-            raise ValueError(f"config.stage2.question_noise.{name}={p}: expected a "
-                             "probability in [0, 1]")
+    check_probability("config.stage2.question_noise.dialogue_prob", dialogue_prob)
+    check_probability("config.stage2.question_noise.word_prob", word_prob)
     if dialogue_prob <= 0 or word_prob <= 0:
         return list(items), 0
     fillers = list(fillers) if fillers is not None else filler_vocabulary(items)
@@ -128,9 +132,7 @@ def frame_questions(items: Sequence[dict], *, prob: float, seed: int,
     """(items with framed questions, how many questions were framed). Each user turn's question
     is framed with probability `prob` by a random frame; only the question line changes. Items
     are copied, never modified in place. Deterministic given `seed`."""
-    if not 0.0 <= float(prob) <= 1.0:
-        raise ValueError(f"config.stage2.question_frames.prob={prob}: expected a probability "
-                         "in [0, 1]")
+    check_probability("config.stage2.question_frames.prob", prob)
     if prob <= 0:
         return list(items), 0
     rng = np.random.default_rng([int(seed), 0xF4A3E])

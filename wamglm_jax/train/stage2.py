@@ -52,7 +52,7 @@ from wamglm_jax.models.wamglm import WamGLM, check_image_tokens, num_image_token
 from wamglm_jax.parallel import sharding as shd
 from wamglm_jax.qa import encode as qenc
 from wamglm_jax.qa.answers import COUNT_FORMS
-from wamglm_jax.qa.augment import frame_questions, noise_questions
+from wamglm_jax.qa.augment import check_probability, frame_questions, noise_questions
 from wamglm_jax.qa.dialogues import build_dialogues
 from wamglm_jax.qa.io import write_jsonl
 from wamglm_jax.qa.knowledge_base import load_knowledge_base
@@ -263,6 +263,9 @@ def run(config, workdir, mesh=None) -> dict:
     if s2.count_form not in COUNT_FORMS:          # before anything is created or written
         raise ValueError(f"config.stage2.count_form={s2.count_form!r}: expected one of "
                          f"{COUNT_FORMS}")
+    check_probability("config.stage2.question_frames.prob", s2.question_frames.prob)
+    check_probability("config.stage2.question_noise.dialogue_prob", s2.question_noise.dialogue_prob)
+    check_probability("config.stage2.question_noise.word_prob", s2.question_noise.word_prob)
     rules = shd.rules_from_config(config)
     if mesh is None:
         from wamglm_jax.parallel.mesh import make_mesh
