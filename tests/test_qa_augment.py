@@ -75,11 +75,19 @@ def _words(texts):
             for w in re.findall(r"[A-Za-z][A-Za-z\-']*", re.sub(r"\{\w+\}", "", s))}
 
 
-def test_frames_use_no_word_only_heldout_phrasings_use():
-    train = _words(q for v in phrasings.TRAIN.values() for q in v)
-    heldout_only = _words(q for v in phrasings.HELDOUT.values() for q in v) - train
-    assert {"identify", "signature", "tally", "whereabouts"} <= heldout_only   # the check bites
-    assert not _words(phrasings.FRAMES) & heldout_only
+def test_training_text_uses_no_heldout_only_word():
+    """Held-out phrasings stay unseen: no training phrasing or frame uses a word of the pinned
+    held-out-only vocabulary, no held-out phrasing is also a training one, and the pinned
+    words really occur in held-out phrasings (so the check bites)."""
+    heldout = _words(q for v in phrasings.HELDOUT.values() for q in v)
+    assert phrasings.HELDOUT_ONLY_WORDS <= heldout
+    assert {"identify", "signature", "tally", "whereabouts"} <= phrasings.HELDOUT_ONLY_WORDS
+    for kind, qs in phrasings.TRAIN.items():
+        for q in qs:
+            assert not _words([q]) & phrasings.HELDOUT_ONLY_WORDS, (kind, q)
+        assert not {q.lower() for q in qs} & {q.lower() for q in phrasings.HELDOUT[kind]}
+        assert len(set(qs)) == len(qs), kind                  # no phrasing listed twice
+    assert not _words(phrasings.FRAMES) & phrasings.HELDOUT_ONLY_WORDS
     for f in phrasings.FRAMES:                        # every frame holds the question once
         assert f.count("{q}") + f.count("{lc}") == 1, f
 

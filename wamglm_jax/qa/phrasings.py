@@ -1,6 +1,26 @@
 """Question phrasings per kind: TRAIN ones are used for training dialogues, HELDOUT ones only
 for held-out dialogues (generalisation to unseen wording). `{zone}` is filled with the zone
-asked about in zone_extent follow-ups, `{pattern}` with the pattern of type_location questions."""
+asked about in zone_extent follow-ups, `{pattern}` with the pattern of type_location questions.
+
+The first 6-10 training phrasings of each kind are the original bank; the ones after the
+"wider bank" mark were added later (5-15 more per kind, 11-25 in all) because a language model trained from
+scratch on ten phrasings per kind reads one familiar word as the kind ("this map" -> yield).
+They were written with HELDOUT_ONLY_WORDS kept out, and without copying a held-out phrasing's
+structure, so the held-out phrasings stay as unseen as before (tests/test_qa_augment.py).
+Append only: a dialogue's plan stores the index of its phrasing (`q`), so reordering a list
+would change what existing VMQA files mean.
+"""
+
+# Words of the held-out phrasings that no training phrasing or frame used when the held-out
+# bank was fixed: training text must never use them, or the held-out wording is no longer
+# unseen. Pinned here (not recomputed) so that adding training phrasings cannot shrink it.
+HELDOUT_ONLY_WORDS = frozenset({
+    "any", "as", "behind", "best", "bin", "class", "classification", "cluster", "come",
+    "corrective", "correlation", "critical", "estimate", "fab", "fits", "from", "good-die",
+    "holds", "identify", "justify", "keeper", "left", "lot-level", "might", "mode", "near",
+    "now", "out", "point", "portion", "rating", "rationale", "reasoning", "rejected", "report",
+    "revisited", "settings", "showing", "signature", "sister", "sits", "suggest", "surface",
+    "take", "tally", "thing", "tool", "up", "well", "were", "what's", "whereabouts", "your"})
 
 TRAIN = {
     "defect_type": [
@@ -14,9 +34,37 @@ TRAIN = {
         "Which pattern category does this map belong to?",
         "Name the defect pattern(s) on this wafer.",
         "What pattern do the failing dies form?",
+        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        "Which defect pattern is visible on this map?",
+        "What is the defect pattern on this wafer map?",
+        "Which pattern do you recognise on this wafer?",
+        "Classify this wafer map.",
+        "What category of defect is on this map?",
+        "Which defect type matches this map?",
+        "What kind of failure pattern is on this map?",
+        "Diagnose the defect pattern of this wafer.",
+        "What failure type does the map show?",
+        "Label the defect pattern on this map.",
+        "Which defect category describes this wafer?",
+        "Look at this map: which defect pattern is it?",
+        "What type of defect does this wafer have?",
+        "Which failure pattern do the bad dies form on this map?",
+        "Name the pattern of the failures on this wafer map.",
     ],
-    "why_type": ["Why?", "Why do you say that?", "How can you tell?", "What makes it that pattern?",
-                 "Can you explain?", "On what basis?"],
+    "why_type": [
+        "Why?",
+        "Why do you say that?",
+        "How can you tell?",
+        "What makes it that pattern?",
+        "Can you explain?",
+        "On what basis?",
+        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        "What evidence supports that?",
+        "Why that pattern?",
+        "What do you base that on?",
+        "Explain why.",
+        "How do you know?",
+    ],
     "location": [
         "Where are the failing dies located?",
         "Where on the wafer are the failures?",
@@ -26,6 +74,19 @@ TRAIN = {
         "Describe the location of the failing dies.",
         "Where do the bad dies sit on the wafer?",
         "Locate the defect on this wafer.",
+        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        "Where on this map are the failing dies?",
+        "Which region of this wafer map fails?",
+        "Where do the failures sit on this map?",
+        "In which part of the map are the bad dies?",
+        "Where are the defects on this wafer map?",
+        "Describe where the failures are on this map.",
+        "Which zone of the wafer has the failing dies?",
+        "Where is the defect located on this map?",
+        "Show the region where the dies fail.",
+        "Which region is affected?",
+        "Where are the fails concentrated on the wafer?",
+        "Where does the wafer fail?",
     ],
     "type_location": [
         "Where is the {pattern} pattern?",
@@ -34,6 +95,13 @@ TRAIN = {
         "Which part of the wafer has the {pattern}?",
         "Is there a {pattern} pattern, and where?",
         "Where exactly is the {pattern}?",
+        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        "Where can I find the {pattern}?",
+        "In which region is the {pattern}?",
+        "Is the {pattern} present? Where?",
+        "Describe where the {pattern} is.",
+        "Where on this map is the {pattern} pattern?",
+        "Which zone has the {pattern} pattern?",
     ],
     "zone_extent": [
         "And what about the {zone}?",
@@ -42,6 +110,13 @@ TRAIN = {
         "And the {zone}?",
         "How many dies fail at the {zone}?",
         "Check the {zone} too.",
+        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        "What do you see at the {zone}?",
+        "How about the {zone}?",
+        "Tell me about the {zone}.",
+        "Is the {zone} affected?",
+        "Are there failures at the {zone}?",
+        "What happens at the {zone}?",
     ],
     "count": [
         "How many dies fail?",
@@ -51,6 +126,19 @@ TRAIN = {
         "How many dies are defective?",
         "How many dies failed the test?",
         "Give me the failing die count.",
+        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        "How many dies on this map fail?",
+        "What is the failing die count on this wafer?",
+        "How many bad dies does this map have?",
+        "Count the bad dies on this wafer map.",
+        "How many dies are failing on this wafer?",
+        "How many of the dies fail on this map?",
+        "Give the count of defective dies.",
+        "How many dies did not pass?",
+        "What is the count of failing dies?",
+        "How many fails are on this map?",
+        "Tell me how many dies fail.",
+        "What number of dies failed on this wafer?",
     ],
     "yield": [
         "What is the yield of this wafer?",
@@ -60,6 +148,19 @@ TRAIN = {
         "How good is the yield?",
         "What yield does this map have?",
         "Tell me the yield in percent.",
+        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        "What is the yield on this map?",
+        "How many percent of the dies pass?",
+        "What share of the dies is good on this wafer?",
+        "Give me the yield of this wafer map.",
+        "What is the yield of good dies?",
+        "What percentage of dies passed the test?",
+        "Calculate the yield for this wafer.",
+        "What is the wafer yield in percent?",
+        "Which yield does this wafer reach?",
+        "How many dies are good, in percent?",
+        "Tell me the yield of this map.",
+        "How much yield does this map have?",
     ],
     "area": [
         "How much of the wafer area is affected?",
@@ -68,6 +169,19 @@ TRAIN = {
         "What share of the wafer is covered by failures?",
         "How big is the affected area in percent?",
         "What percentage of the wafer area fails?",
+        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        "What fraction of the wafer area fails on this map?",
+        "How much of this map is failing?",
+        "What percentage of this wafer is affected?",
+        "How much of the wafer do the failures cover?",
+        "What part of the wafer area is bad?",
+        "Give the affected area in percent.",
+        "How large is the affected share of this wafer?",
+        "What area fraction do the defects cover?",
+        "How much area is lost to failures?",
+        "Which share of the map fails?",
+        "Tell me the failing area in percent.",
+        "How much of the area is covered by failing dies?",
     ],
     "cause": [
         "What could cause this?",
@@ -77,6 +191,19 @@ TRAIN = {
         "Why would a wafer look like this?",
         "What process problem leads to this pattern?",
         "What is the probable root cause?",
+        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        "What causes this defect pattern?",
+        "What is the root cause of this map?",
+        "Which process step is likely responsible?",
+        "What are typical causes of this pattern?",
+        "What went wrong in the process?",
+        "Explain the likely root cause.",
+        "What is the origin of this pattern?",
+        "What could have produced this pattern?",
+        "Which equipment problem causes this?",
+        "What is likely responsible for these failures?",
+        "What creates a pattern like this?",
+        "Why do the dies fail like this?",
     ],
     "adjustment": [
         "What should we adjust in the process?",
@@ -86,6 +213,19 @@ TRAIN = {
         "What process adjustment would help?",
         "Which steps should we fix?",
         "What should we do about it?",
+        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        "How do we prevent this pattern?",
+        "What should the process team change?",
+        "Which process parameters should we change?",
+        "How can we avoid this defect?",
+        "What fix do you propose?",
+        "What would you change in the process?",
+        "Which actions would remove this pattern?",
+        "What should we correct?",
+        "Recommend a process change.",
+        "What corrections are needed?",
+        "How can this be fixed?",
+        "What steps would prevent it next time?",
     ],
     "severity": [
         "How severe is this?",
@@ -95,9 +235,34 @@ TRAIN = {
         "What disposition do you recommend?",
         "Rate the severity of this wafer.",
         "How bad is it?",
+        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        "Is this wafer good enough to ship?",
+        "How severe is the damage on this map?",
+        "Should we scrap this wafer?",
+        "What severity would you assign?",
+        "Is this wafer acceptable?",
+        "How serious is this map?",
+        "Can this wafer be released?",
+        "What is the disposition for this wafer?",
+        "How bad is this wafer map?",
+        "Is this wafer usable?",
+        "Give the severity of this defect.",
+        "Should this wafer go on to assembly?",
     ],
-    "why_severity": ["Why?", "Why that severity?", "Why is that?", "Can you explain?",
-                     "What is the reason?", "Why so?"],
+    "why_severity": [
+        "Why?",
+        "Why that severity?",
+        "Why is that?",
+        "Can you explain?",
+        "What is the reason?",
+        "Why so?",
+        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        "What makes it that severe?",
+        "Explain why.",
+        "How do you know?",
+        "What is that based on?",
+        "Why that disposition?",
+    ],
     "batch": [
         "Do other wafers of the same lot show this?",
         "Is this defect shared across the lot?",
@@ -106,6 +271,19 @@ TRAIN = {
         "Is this a lot-wide problem?",
         "Does the batch show the same pattern?",
         "What about the other wafers in this lot?",
+        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        "Are other wafers in the lot affected?",
+        "Does the whole lot have this problem?",
+        "Is this pattern seen on other wafers of the lot?",
+        "How widespread is this in the lot?",
+        "Is the lot affected beyond this wafer?",
+        "Do the other wafers look the same?",
+        "Is this specific to this wafer or the whole lot?",
+        "How many other wafers in the lot fail this way?",
+        "Is this an isolated wafer?",
+        "Does this appear elsewhere in the lot?",
+        "Do neighbouring wafers in the lot have it too?",
+        "Is the problem limited to this wafer?",
     ],
 }
 
