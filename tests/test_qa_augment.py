@@ -134,3 +134,12 @@ def test_capped_indices_flat_and_sqrt():
         assert collections.Counter(labels[idx].tolist()) == want
     with pytest.raises(ValueError, match="class_scaling='cube'"):
         capped_indices(labels, 40, seed=0, scaling="cube")
+
+
+@pytest.mark.parametrize("value", [1.01, -0.5, "half", None, float("nan")])
+def test_check_probability_names_the_field(value):
+    from wamglm_jax.qa.augment import check_probability
+    with pytest.raises(ValueError, match=r"^config.stage2.x.p=.*: expected a probability"):
+        check_probability("config.stage2.x.p", value)
+    check_probability("config.stage2.x.p", 0.0)          # the ends are allowed
+    check_probability("config.stage2.x.p", 1)

@@ -90,8 +90,12 @@ def noise_question(question: str, rng: np.random.Generator, fillers: Sequence[st
 
 def check_probability(field: str, p) -> None:
     """ValueError naming `field` unless p is a probability in [0, 1]."""
-    if not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"{field}={p}: expected a probability in [0, 1]")
+    try:
+        ok = 0.0 <= float(p) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{field}={p!r}: expected a probability in [0, 1]")
 
 
 def noise_questions(items: Sequence[dict], *, dialogue_prob: float, word_prob: float,
