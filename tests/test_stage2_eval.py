@@ -301,8 +301,7 @@ def test_bad_count_form_names_the_config_field(tmp_path):
 
 def test_question_frames_reach_the_training_dialogues(tmp_path, monkeypatch):
     """config.stage2.question_frames.prob frames the training questions before the tokenizer
-    is trained on them (stopped there: no training); a bad value names the field and nothing
-    is written."""
+    is trained on them (stopped there: no training). Bad values: the test below."""
     from configs import quickstart
     from wamglm_jax.qa import phrasings
     from wamglm_jax.train import stage2

@@ -36,7 +36,7 @@ TRAIN = {
         "Which pattern category does this map belong to?",
         "Name the defect pattern(s) on this wafer.",
         "What pattern do the failing dies form?",
-        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        # wider bank (module docstring)
         "Which defect pattern is visible on this map?",
         "What is the defect pattern on this wafer map?",
         "Which pattern do you recognise on this wafer?",
@@ -60,7 +60,7 @@ TRAIN = {
         "What makes it that pattern?",
         "Can you explain?",
         "On what basis?",
-        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        # wider bank (module docstring)
         "What evidence supports that?",
         "Why that pattern?",
         "What do you base that on?",
@@ -76,7 +76,7 @@ TRAIN = {
         "Describe the location of the failing dies.",
         "Where do the bad dies sit on the wafer?",
         "Locate the defect on this wafer.",
-        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        # wider bank (module docstring)
         "Where on this map are the failing dies?",
         "Which region of this wafer map fails?",
         "Where do the failures sit on this map?",
@@ -97,7 +97,7 @@ TRAIN = {
         "Which part of the wafer has the {pattern}?",
         "Is there a {pattern} pattern, and where?",
         "Where exactly is the {pattern}?",
-        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        # wider bank (module docstring)
         "Where can I find the {pattern}?",
         "In which region is the {pattern}?",
         "Is the {pattern} present? Where?",
@@ -112,7 +112,7 @@ TRAIN = {
         "And the {zone}?",
         "How many dies fail at the {zone}?",
         "Check the {zone} too.",
-        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        # wider bank (module docstring)
         "What do you see at the {zone}?",
         "How about the {zone}?",
         "Tell me about the {zone}.",
@@ -128,7 +128,7 @@ TRAIN = {
         "How many dies are defective?",
         "How many dies failed the test?",
         "Give me the failing die count.",
-        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        # wider bank (module docstring)
         "How many dies on this map fail?",
         "What is the failing die count on this wafer?",
         "How many bad dies does this map have?",
@@ -150,7 +150,7 @@ TRAIN = {
         "How good is the yield?",
         "What yield does this map have?",
         "Tell me the yield in percent.",
-        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        # wider bank (module docstring)
         "What is the yield on this map?",
         "How many percent of the dies pass?",
         "What share of the dies is good on this wafer?",
@@ -171,7 +171,7 @@ TRAIN = {
         "What share of the wafer is covered by failures?",
         "How big is the affected area in percent?",
         "What percentage of the wafer area fails?",
-        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        # wider bank (module docstring)
         "What fraction of the wafer area fails on this map?",
         "How much of this map is failing?",
         "What percentage of this wafer is affected?",
@@ -193,7 +193,7 @@ TRAIN = {
         "Why would a wafer look like this?",
         "What process problem leads to this pattern?",
         "What is the probable root cause?",
-        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        # wider bank (module docstring)
         "What causes this defect pattern?",
         "What is the root cause of this map?",
         "Which process step is likely responsible?",
@@ -215,7 +215,7 @@ TRAIN = {
         "What process adjustment would help?",
         "Which steps should we fix?",
         "What should we do about it?",
-        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        # wider bank (module docstring)
         "How do we prevent this pattern?",
         "What should the process team change?",
         "Which process parameters should we change?",
@@ -237,7 +237,7 @@ TRAIN = {
         "What disposition do you recommend?",
         "Rate the severity of this wafer.",
         "How bad is it?",
-        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        # wider bank (module docstring)
         "Is this wafer good enough to ship?",
         "How severe is the damage on this map?",
         "Should we scrap this wafer?",
@@ -258,7 +258,7 @@ TRAIN = {
         "Can you explain?",
         "What is the reason?",
         "Why so?",
-        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        # wider bank (module docstring)
         "What makes it that severe?",
         "Explain why.",
         "How do you know?",
@@ -273,7 +273,7 @@ TRAIN = {
         "Is this a lot-wide problem?",
         "Does the batch show the same pattern?",
         "What about the other wafers in this lot?",
-        # wider bank (written with HELDOUT_ONLY_WORDS kept out)
+        # wider bank (module docstring)
         "Are other wafers in the lot affected?",
         "Does the whole lot have this problem?",
         "Is this pattern seen on other wafers of the lot?",
