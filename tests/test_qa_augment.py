@@ -9,7 +9,7 @@ import pytest
 from wamglm_jax.data.generator import generate
 from wamglm_jax.qa import phrasings
 from wamglm_jax.qa.augment import (filler_vocabulary, frame_questions, noise_questions,
-                                    question_words)
+                                    pseudo_word, question_words)
 from wamglm_jax.qa.dialogues import build_dialogues
 from wamglm_jax.train.stage2_data import capped_indices
 
@@ -68,6 +68,50 @@ def test_noise_fraction_and_determinism(items):
 def test_noise_rejects_bad_probabilities(items, field, kw):
     with pytest.raises(ValueError, match=f"question_noise.{field}"):
         noise_questions(items, seed=0, **kw)
+
+
+def test_pseudo_words_are_new_fragments_of_fillers(items, tmp_path):
+    """Made-up words: never a banned word, built from pieces of fillers, capitalised on request,
+    and cut by a tokenizer trained on the dialogues into several tokens, as an unseen word is
+    (a whole filler mostly is one token)."""
+    from wamglm_jax.qa.tokenizer import build_tokenizer
+    fillers = filler_vocabulary(items)
+    banned = question_words() | {f.lower() for f in fillers} | set(phrasings.HELDOUT_ONLY_WORDS)
+    rng = np.random.default_rng(0)
+    made = [pseudo_word(rng, fillers, banned) for _ in range(300)]
+    assert not set(made) & banned and len(set(made)) > 250
+    text = " ".join(f.lower() for f in fillers)
+    for w in made:
+        assert w.isalpha() or "-" in w or "'" in w
+        # the first and last pieces (>= 2 letters each) are cut from fillers
+        assert w[:2] in text and w[-2:] in text, w
+    assert pseudo_word(rng, fillers, banned, capitalise=True)[0].isupper()
+    tok = build_tokenizer(items, str(tmp_path / "tok"), vocab_size=1024)
+    pieces = lambda w: len(tok.tokenize(" " + w))
+    assert np.mean([pieces(w) for w in made]) > 1.5 * np.mean([pieces(f) for f in fillers])
+
+
+def test_noise_with_pseudo_share_one_replaces_with_made_up_words_only(items):
+    fillers = set(filler_vocabulary(items))
+    heldout_only = phrasings.HELDOUT_ONLY_WORDS
+    out, n = noise_questions(items, dialogue_prob=1.0, word_prob=0.5, seed=3, pseudo_share=1.0)
+    new_words = []
+    for a, b in zip(items, out):
+        for ma, mb in zip(a["messages"], b["messages"]):
+            if ma["role"] == "user":
+                orig = set(_question(ma["content"]).split(" "))
+                new_words += [w for w in _question(mb["content"]).split(" ") if w not in orig]
+    assert len(new_words) > 100 and not set(new_words) & fillers
+    assert not {w.lower() for w in new_words} & (question_words() | heldout_only)
+    # pseudo_share=0: every replacement is a filler, as before made-up words existed
+    out0, _ = noise_questions(items, dialogue_prob=1.0, word_prob=0.5, seed=3, pseudo_share=0.0)
+    for a, b in zip(items, out0):
+        for ma, mb in zip(a["messages"], b["messages"]):
+            if ma["role"] == "user":
+                orig = set(_question(ma["content"]).split(" "))
+                assert set(_question(mb["content"]).split(" ")) <= orig | fillers
+    with pytest.raises(ValueError, match="question_noise.pseudo_share"):
+        noise_questions(items, dialogue_prob=0.5, word_prob=0.3, seed=0, pseudo_share=1.2)
 
 
 def _words(texts):

@@ -329,7 +329,8 @@ def test_question_frames_reach_the_training_dialogues(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("field,value", [("question_frames.prob", 1.5),
                                          ("question_noise.dialogue_prob", -0.1),
-                                         ("question_noise.word_prob", 2.0)])
+                                         ("question_noise.word_prob", 2.0),
+                                         ("question_noise.pseudo_share", -0.5)])
 def test_bad_question_augmentation_fails_before_anything_is_built(tmp_path, monkeypatch, field,
                                                                   value):
     """A probability outside [0, 1] names its field before any data is read or written."""

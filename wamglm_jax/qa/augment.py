@@ -11,9 +11,15 @@ used as fillers: besides the training questions' own words, the pattern names (a
 type-location question names its pattern) and the zone words (a zone follow-up names its
 zone); without that ban, noise that drops a pattern name into a location question teaches the
 model to confuse the two.
+A replacement can also be a made-up word (`pseudo_word`, config.stage2.question_noise.
+pseudo_share): the tokenizer cuts a word it never saw into short fragments ("signature" ->
+"s ig n at ure"), which whole filler words never put in a question; made-up words cut from
+filler pieces give the model such fragments to learn to ignore.
 Only the question text changes: the `<image>` marker, the context lines (die count, lot) and
-every answer (the training targets) are untouched. The evaluation's held-out phrasings are not looked at:
-the filler words come from the training answers only.
+every answer (the training targets) are untouched. The evaluation's held-out phrasings are
+not looked at: the filler words come from the training answers only, and a made-up word that
+happens to spell a pinned held-out-only word (phrasings.HELDOUT_ONLY_WORDS) is drawn again,
+so no held-out word reaches training by chance.
 
 `frame_questions` wraps a fraction of the training questions in neutral frames
 (phrasings.FRAMES: "Quick question: ...", "... Thanks.") so that words which occur in one kind's
@@ -32,7 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from wamglm_jax.data.labels import WM811K_CLASSES
-from wamglm_jax.qa.phrasings import FRAMES, TRAIN, ZONE_WORDS
+from wamglm_jax.qa.phrasings import FRAMES, HELDOUT_ONLY_WORDS, TRAIN, ZONE_WORDS
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z\-']*")
 
@@ -69,10 +75,34 @@ def _split_question(content: str) -> tuple[str, str]:
     return head + sep, q
 
 
+def pseudo_word(rng: np.random.Generator, fillers: Sequence[str], banned: set[str],
+                capitalise: bool = False) -> str:
+    """A made-up word: two or three random pieces (2-4 letters) cut from random fillers and
+    joined ("tiondis", "ermpla"), never a word in `banned`.
+
+    Why: the tokenizer is trained on the training dialogues, so a word it has never seen is
+    cut into short fragments ("signature" -> "s ig n at ure"), a token pattern that neither the
+    training questions nor whole filler words ever put in a question. Made-up words cut the
+    same way teach the model that such fragments carry no question kind."""
+    for _ in range(32):
+        pieces = []
+        for _ in range(int(rng.integers(2, 4))):
+            src = fillers[int(rng.integers(len(fillers)))].lower()
+            size = int(rng.integers(2, 5))
+            start = int(rng.integers(max(1, len(src) - size + 1)))
+            pieces.append(src[start:start + size])
+        word = "".join(pieces)
+        if word not in banned and len(word) > 2:
+            return word.capitalize() if capitalise else word
+    return word.capitalize() if capitalise else word
+
+
 def noise_question(question: str, rng: np.random.Generator, fillers: Sequence[str],
-                   word_prob: float) -> str:
+                   word_prob: float, pseudo_share: float = 0.0,
+                   banned: set[str] | None = None) -> str:
     """Each whitespace-separated word: kept, or (probability word_prob) dropped or replaced
-    by a random filler with equal chance. At least one original word always survives."""
+    with equal chance. A replacement is a made-up word (pseudo_word) with probability
+    pseudo_share, else a random filler. At least one original word always survives."""
     if not fillers:
         return question
     words = question.split(" ")
@@ -80,11 +110,14 @@ def noise_question(question: str, rng: np.random.Generator, fillers: Sequence[st
     if hit.all():
         hit[int(rng.integers(len(words)))] = False
     out = []
-    for w, h in zip(words, hit):
+    for i, (w, h) in enumerate(zip(words, hit)):
         if not h:
             out.append(w)
         elif rng.random() < 0.5:
-            out.append(fillers[int(rng.integers(len(fillers)))])
+            if pseudo_share > 0 and rng.random() < pseudo_share:
+                out.append(pseudo_word(rng, fillers, banned or set(), capitalise=i == 0))
+            else:
+                out.append(fillers[int(rng.integers(len(fillers)))])
     return " ".join(out)
 
 
@@ -99,15 +132,20 @@ def check_probability(field: str, p) -> None:
 
 
 def noise_questions(items: Sequence[dict], *, dialogue_prob: float, word_prob: float,
-                    seed: int, fillers: Sequence[str] | None = None) -> tuple[list[dict], int]:
+                    seed: int, fillers: Sequence[str] | None = None,
+                    pseudo_share: float = 0.0) -> tuple[list[dict], int]:
     """(items with noised questions, how many dialogues were noised). A dialogue is chosen
-    with probability dialogue_prob; then every user turn's question is noised. Items are
-    copied, never modified in place. Deterministic given `seed`."""
+    with probability dialogue_prob; then every user turn's question is noised (pseudo_share:
+    see noise_question). Items are copied, never modified in place. Deterministic given
+    `seed`; pseudo_share=0 draws exactly what it drew before made-up words existed."""
     check_probability("config.stage2.question_noise.dialogue_prob", dialogue_prob)
     check_probability("config.stage2.question_noise.word_prob", word_prob)
+    check_probability("config.stage2.question_noise.pseudo_share", pseudo_share)
     if dialogue_prob <= 0 or word_prob <= 0:
         return list(items), 0
     fillers = list(fillers) if fillers is not None else filler_vocabulary(items)
+    # Made-up words never spell a known word, nor one that only held-out phrasings use.
+    banned = question_words() | {f.lower() for f in fillers} | set(HELDOUT_ONLY_WORDS)
     rng = np.random.default_rng([int(seed), 0x9015E])
     out, n = [], 0
     for it in items:
@@ -118,7 +156,8 @@ def noise_questions(items: Sequence[dict], *, dialogue_prob: float, word_prob: f
         for m in it["messages"]:
             if m["role"] == "user":
                 head, q = _split_question(m["content"])
-                m = dict(m, content=head + noise_question(q, rng, fillers, word_prob))
+                m = dict(m, content=head + noise_question(q, rng, fillers, word_prob,
+                                                             pseudo_share, banned))
             msgs.append(m)
         out.append(dict(it, messages=msgs, question_noise=True))
         n += 1

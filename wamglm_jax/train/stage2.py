@@ -79,7 +79,9 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
         class_scaling="flat",       # with max_per_class: 'flat' (every class capped at it) or
                                     # 'sqrt' (the largest class gets max_per_class maps, class c
                                     # max_per_class * sqrt(n_c / n_max): stage 1's sqrt prior)
-        question_noise=dict(dialogue_prob=0.5, word_prob=0.25),   # qa/augment.py; 0 = off
+        question_noise=dict(dialogue_prob=0.5, word_prob=0.25,    # qa/augment.py; 0 = off
+                            pseudo_share=0.5),   # replacements that are made-up words
+                                                 # (README "Made-up words in the noise")
         question_frames=dict(prob=0.0),   # > 0: neutral frames around training questions
                                           # (qa/augment.py); off: README "Neutral frames"
         eval_heldout_fraction=0.5,  # val/test dialogues with held-out phrasings/orders
@@ -266,6 +268,8 @@ def run(config, workdir, mesh=None) -> dict:
     check_probability("config.stage2.question_frames.prob", s2.question_frames.prob)
     check_probability("config.stage2.question_noise.dialogue_prob", s2.question_noise.dialogue_prob)
     check_probability("config.stage2.question_noise.word_prob", s2.question_noise.word_prob)
+    check_probability("config.stage2.question_noise.pseudo_share",
+                      s2.question_noise.pseudo_share)
     rules = shd.rules_from_config(config)
     if mesh is None:
         from wamglm_jax.parallel.mesh import make_mesh
@@ -307,10 +311,12 @@ def run(config, workdir, mesh=None) -> dict:
     qn = s2.question_noise
     items["train"], n_noised = noise_questions(items["train"], seed=seed,
                                                dialogue_prob=float(qn.dialogue_prob),
-                                               word_prob=float(qn.word_prob))
+                                               word_prob=float(qn.word_prob),
+                                               pseudo_share=float(qn.pseudo_share))
     if n_noised:
         logging.info("stage2: question-wording noise on %d of %d training dialogues "
-                     "(word_prob %.2f)", n_noised, len(items["train"]), float(qn.word_prob))
+                     "(word_prob %.2f, made-up word share %.2f)", n_noised, len(items["train"]),
+                     float(qn.word_prob), float(qn.pseudo_share))
     imported_lm = None
     if s2.init_lm_from:
         model_cfg, imported_lm = import_lm(config, s2, tok)
