@@ -1,6 +1,7 @@
 """qa/augment.py question-wording noise and neutral frames, and stage-2 training-map selection
 (capped_indices)."""
 import collections
+import itertools
 import re
 
 import numpy as np
@@ -86,6 +87,11 @@ def test_pseudo_words_are_new_fragments_of_fillers(items, tmp_path):
         # the first and last pieces (>= 2 letters each) are cut from fillers
         assert w[:2] in text and w[-2:] in text, w
     assert pseudo_word(rng, fillers, banned, capitalise=True)[0].isupper()
+    # a single filler whose every made-up word is banned: a clear error, not a banned word
+    cuts = ["ab", "ba", "aba", "bab", "abab"]          # its pieces of 2-4 letters
+    every = {"".join(p) for n in (2, 3) for p in itertools.product(cuts, repeat=n)}
+    with pytest.raises(ValueError, match="too few fillers"):
+        pseudo_word(rng, ["abab"], every)
     tok = build_tokenizer(items, str(tmp_path / "tok"), vocab_size=1024)
     pieces = lambda w: len(tok.tokenize(" " + w))
     assert np.mean([pieces(w) for w in made]) > 1.5 * np.mean([pieces(f) for f in fillers])

@@ -94,7 +94,9 @@ def pseudo_word(rng: np.random.Generator, fillers: Sequence[str], banned: set[st
         word = "".join(pieces)
         if word not in banned and len(word) > 2:
             return word.capitalize() if capitalise else word
-    return word.capitalize() if capitalise else word
+    raise ValueError(f"no made-up word outside the banned words in 32 draws from "
+                     f"{len(fillers)} filler words: too few fillers for "
+                     "config.stage2.question_noise.pseudo_share > 0")
 
 
 def noise_question(question: str, rng: np.random.Generator, fillers: Sequence[str],
