@@ -9,8 +9,8 @@ import pytest
 
 from wamglm_jax.data.generator import generate
 from wamglm_jax.qa import phrasings
-from wamglm_jax.qa.augment import (filler_vocabulary, frame_questions, noise_questions,
-                                    pseudo_word, question_words)
+from wamglm_jax.qa.augment import (filler_vocabulary, frame_questions, made_up_word_ban,
+                                    noise_questions, pseudo_word, question_words)
 from wamglm_jax.qa.dialogues import build_dialogues
 from wamglm_jax.train.stage2_data import capped_indices
 
@@ -78,6 +78,7 @@ def test_pseudo_words_are_new_fragments_of_fillers(items, tmp_path):
     from wamglm_jax.qa.tokenizer import build_tokenizer
     fillers = filler_vocabulary(items)
     banned = question_words() | {f.lower() for f in fillers} | set(phrasings.HELDOUT_ONLY_WORDS)
+    assert made_up_word_ban(fillers) == banned
     rng = np.random.default_rng(0)
     made = [pseudo_word(rng, fillers, banned) for _ in range(300)]
     assert not set(made) & banned and len(set(made)) > 250

@@ -75,6 +75,12 @@ def _split_question(content: str) -> tuple[str, str]:
     return head + sep, q
 
 
+def made_up_word_ban(fillers: Sequence[str]) -> set[str]:
+    """What a made-up word must never spell: a question word, a filler, or a word that only
+    held-out phrasings use."""
+    return question_words() | {f.lower() for f in fillers} | set(HELDOUT_ONLY_WORDS)
+
+
 def pseudo_word(rng: np.random.Generator, fillers: Sequence[str], banned: set[str],
                 capitalise: bool = False) -> str:
     """A made-up word: two or three random pieces (2-4 letters) cut from random fillers and
@@ -103,10 +109,13 @@ def noise_question(question: str, rng: np.random.Generator, fillers: Sequence[st
                    word_prob: float, pseudo_share: float = 0.0,
                    banned: set[str] | None = None) -> str:
     """Each whitespace-separated word: kept, or (probability word_prob) dropped or replaced
-    with equal chance. A replacement is a made-up word (pseudo_word) with probability
-    pseudo_share, else a random filler. At least one original word always survives."""
+    with equal chance. A replacement is a made-up word (pseudo_word; none spells a word of
+    `banned`, default made_up_word_ban(fillers)) with probability pseudo_share, else a random
+    filler. At least one original word always survives."""
     if not fillers:
         return question
+    if pseudo_share > 0 and banned is None:
+        banned = made_up_word_ban(fillers)
     words = question.split(" ")
     hit = rng.random(len(words)) < word_prob
     if hit.all():
@@ -117,7 +126,7 @@ def noise_question(question: str, rng: np.random.Generator, fillers: Sequence[st
             out.append(w)
         elif rng.random() < 0.5:
             if pseudo_share > 0 and rng.random() < pseudo_share:
-                out.append(pseudo_word(rng, fillers, banned or set(), capitalise=i == 0))
+                out.append(pseudo_word(rng, fillers, banned, capitalise=i == 0))
             else:
                 out.append(fillers[int(rng.integers(len(fillers)))])
     return " ".join(out)
@@ -146,8 +155,7 @@ def noise_questions(items: Sequence[dict], *, dialogue_prob: float, word_prob: f
     if dialogue_prob <= 0 or word_prob <= 0:
         return list(items), 0
     fillers = list(fillers) if fillers is not None else filler_vocabulary(items)
-    # Made-up words never spell a known word, nor one that only held-out phrasings use.
-    banned = question_words() | {f.lower() for f in fillers} | set(HELDOUT_ONLY_WORDS)
+    banned = made_up_word_ban(fillers)          # once, not per question
     rng = np.random.default_rng([int(seed), 0x9015E])
     out, n = [], 0
     for it in items:

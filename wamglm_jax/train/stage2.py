@@ -265,11 +265,9 @@ def run(config, workdir, mesh=None) -> dict:
     if s2.count_form not in COUNT_FORMS:          # before anything is created or written
         raise ValueError(f"config.stage2.count_form={s2.count_form!r}: expected one of "
                          f"{COUNT_FORMS}")
-    check_probability("config.stage2.question_frames.prob", s2.question_frames.prob)
-    check_probability("config.stage2.question_noise.dialogue_prob", s2.question_noise.dialogue_prob)
-    check_probability("config.stage2.question_noise.word_prob", s2.question_noise.word_prob)
-    check_probability("config.stage2.question_noise.pseudo_share",
-                      s2.question_noise.pseudo_share)
+    for group, name in (("question_frames", "prob"), ("question_noise", "dialogue_prob"),
+                        ("question_noise", "word_prob"), ("question_noise", "pseudo_share")):
+        check_probability(f"config.stage2.{group}.{name}", s2[group][name])
     rules = shd.rules_from_config(config)
     if mesh is None:
         from wamglm_jax.parallel.mesh import make_mesh
