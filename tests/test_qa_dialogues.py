@@ -9,6 +9,7 @@ import pytest
 from wamglm_jax.data.dataset import WaferDataset
 from wamglm_jax.data.generator import generate
 from wamglm_jax.data.labels import WM811K_CLASSES, defect_set
+from wamglm_jax.evaluate.qa import score
 from wamglm_jax.qa import phrasings
 from wamglm_jax.qa.answers import parse_answer
 from wamglm_jax.qa.dialogues import build_dialogues, order_is_heldout, transform_item
@@ -507,3 +508,26 @@ def test_count_form_option_renders_each_form_and_survives_transform():
     check_items(ds, build_dialogues(ds, seed=0, per_map=3, count_form="count_first"))
     with pytest.raises(ValueError, match="count_form 'share'; expected one of"):
         build_dialogues(ds, seed=0, count_form="share")
+
+
+@pytest.mark.parametrize("label_space", ["wm811k", "mixedwm38"])
+def test_defect_type_answers_share_one_opening(label_space):
+    """Every defect-type answer opens with the same words whatever the map shows (none maps
+    included), and no answer of another kind opens with them: the first tokens name the
+    question read, not the map (README "One opening for every defect-type answer")."""
+    ds = generate(60, seed=7, label_space=label_space)
+    items = build_dialogues(ds, seed=2, per_map=6, heldout=0.3)
+    opening = "This wafer shows a "
+    seen = {"none": 0, "pattern": 0}
+    for it in items:
+        for key in it["answer_key"]:
+            text = it["messages"][key["turn"]]["content"]
+            if key["kind"] == "defect_type":
+                assert text.startswith(opening), text
+                seen["pattern" if key["value"] else "none"] += 1
+                if not key["value"]:
+                    assert score("defect_type", parse_answer("defect_type", text, KB), [], text)
+                    assert not score("defect_type", ["Center"], [], text)
+            else:
+                assert not text.startswith(opening), (key["kind"], text)
+    assert seen["none"] and seen["pattern"], seen

@@ -45,6 +45,11 @@ CANNOT_TELL = "I cannot tell from this map"
 # Count answer forms: "8.4% of the 2046 dies fail, which is 171 dies." (share_first) or
 # "171 of the 2046 dies fail." (count_first); see _count_sentence and README "Share first".
 COUNT_FORMS = ("share_first", "count_first")
+# Every defect-type answer opens with these words, `none` maps included, so the first tokens
+# of an answer say which question was read and not what the map shows: a held-out wording read
+# in a later turn was misread mostly on `none` maps when their answer opened differently
+# ("No defect pattern: ..."), README "One opening for every defect-type answer".
+DEFECT_TYPE_OPENING = "This wafer shows a"
 
 _kb_cache: dict = {}
 
@@ -86,11 +91,11 @@ def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None,
                   count_form: str = "share_first") -> str:
     kb = _kb(kb)
     if kind == "defect_type":
-        if not value:
-            return "No defect pattern: the wafer map looks normal (none)."
+        if not value:       # same opening as every other defect-type answer (DEFECT_TYPE_OPENING)
+            return f"{DEFECT_TYPE_OPENING} normal map with no defect pattern (none)."
         if len(value) == 1:
-            return f"This wafer shows a {value[0]} pattern."
-        return f"This wafer shows a mixed pattern of {_join(value)}."
+            return f"{DEFECT_TYPE_OPENING} {value[0]} pattern."
+        return f"{DEFECT_TYPE_OPENING} mixed pattern of {_join(value)}."
     if kind in ("why_type", "cause", "adjustment", "why_severity"):
         keys = value["kb_keys"]
         if kind == "why_type":
