@@ -91,7 +91,7 @@ def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None,
                   count_form: str = "share_first") -> str:
     kb = _kb(kb)
     if kind == "defect_type":
-        if not value:       # same opening as every other defect-type answer (DEFECT_TYPE_OPENING)
+        if not value:
             return f"{DEFECT_TYPE_OPENING} normal map with no defect pattern (none)."
         if len(value) == 1:
             return f"{DEFECT_TYPE_OPENING} {value[0]} pattern."
