@@ -143,30 +143,6 @@ def test_training_text_uses_no_heldout_only_word():
         assert f.count("{q}") + f.count("{lc}") == 1, f
 
 
-def test_ambiguous_words_name_no_single_kind():
-    """A word that plainly asks for more than one kind ('area', 'where', 'kind') appears in at
-    least two training phrasings of every kind it can ask for, so the word alone cannot be
-    the cue. Before the ambiguous-word bank, 'area' was in 11 area phrasings and no other
-    kind's, and 'where' in no cause phrasing."""
-    assert set(phrasings.AMBIGUOUS_WORDS) >= {"area", "where", "kind"}
-    for word, kinds in phrasings.AMBIGUOUS_WORDS.items():
-        for kind in kinds:
-            using = [q for q in phrasings.TRAIN[kind] if word in _words([q])]
-            assert len(using) >= 2, (word, kind, using)
-
-
-def test_built_dialogues_ask_location_with_the_word_area():
-    """The new phrasings are drawn: over enough training dialogues some location question
-    says 'area' and some cause question says 'where'."""
-    built = build_dialogues(generate(300, seed=2), seed=4, per_map=2)
-    asked = collections.defaultdict(set)
-    for it in built:
-        for step in it["plan"]:
-            q = phrasings.TRAIN[step["kind"]][step["q"]]
-            asked[step["kind"]] |= _words([q])
-    assert "area" in asked["location"] and "where" in asked["cause"]
-
-
 def test_frames_wrap_only_the_question_line(items):
     out, n = frame_questions(items, prob=1.0, seed=3)
     n_user = sum(m["role"] == "user" for it in items for m in it["messages"])

@@ -9,10 +9,6 @@ model trained from scratch on ten phrasings per kind reads one familiar word as 
 points, but not defect type (README "Wider training-phrasing bank").
 They were written with HELDOUT_ONLY_WORDS kept out, and without copying a held-out phrasing's
 structure, so the held-out phrasings stay as unseen as before (tests/test_qa_augment.py).
-The last few of location, type_location and cause come from the "ambiguous-word bank": words
-that ask plainly for more than one kind (AMBIGUOUS_WORDS) were each used by one kind only, so
-the model read "area" as the area question and "where" as a location question whatever
-the rest said (README "Ambiguous words in the training bank").
 Append only: a dialogue's plan stores the index of its phrasing (`q`), so reordering a list
 would change what existing VMQA files mean.
 """
@@ -27,16 +23,6 @@ HELDOUT_ONLY_WORDS = frozenset({
     "now", "out", "point", "portion", "rating", "rationale", "reasoning", "rejected", "report",
     "revisited", "settings", "showing", "signature", "sister", "sits", "suggest", "surface",
     "take", "tally", "thing", "tool", "up", "well", "were", "what's", "whereabouts", "your"})
-
-# Plain words that ask for more than one kind ("Which area fails?" is a location question, "How
-# large is the failing area?" an area one; "Where ..." asks for a place or for an origin): each
-# kind listed must use the word in at least two training phrasings, so that the word alone
-# never names the kind (tests/test_qa_augment.py).
-AMBIGUOUS_WORDS = {
-    "area": ("location", "area"),
-    "where": ("location", "type_location", "cause"),
-    "kind": ("defect_type", "cause"),
-}
 
 TRAIN = {
     "defect_type": [
@@ -103,11 +89,6 @@ TRAIN = {
         "Which region is affected?",
         "Where are the fails concentrated on the wafer?",
         "Where does the wafer fail?",
-        # ambiguous-word bank (AMBIGUOUS_WORDS)
-        "In what area are the failing dies?",
-        "Describe the area where the dies fail.",
-        "Name the area of this wafer with the failures.",
-        "Where is the failing area on this map?",
     ],
     "type_location": [
         "Where is the {pattern} pattern?",
@@ -123,8 +104,6 @@ TRAIN = {
         "Describe where the {pattern} is.",
         "Where on this map is the {pattern} pattern?",
         "Which zone has the {pattern} pattern?",
-        # ambiguous-word bank (AMBIGUOUS_WORDS)
-        "In what area is the {pattern}?",
     ],
     "zone_extent": [
         "And what about the {zone}?",
@@ -227,12 +206,6 @@ TRAIN = {
         "What is likely responsible for these failures?",
         "What creates a pattern like this?",
         "Why do the dies fail like this?",
-        # ambiguous-word bank (AMBIGUOUS_WORDS)
-        "Where in the process does this pattern start?",
-        "Where should we look for the root cause?",
-        "Where along the line could this defect have been introduced?",
-        "Which process problems lead to this kind of map?",
-        "What kind of process problem causes this?",
     ],
     "adjustment": [
         "What should we adjust in the process?",
