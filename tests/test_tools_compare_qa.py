@@ -89,6 +89,11 @@ def test_main_prints_json_last_and_writes_it(two_runs, tmp_path, capsys):
     assert json.loads(last) == json.loads(out.read_text())
 
 
+def test_no_runs_is_an_error(capsys):
+    assert compare_qa.main(["--runs=,"]) == 2
+    assert "--runs: expected one or more" in capsys.readouterr().err
+
+
 def test_missing_report_names_the_path(tmp_path, capsys):
     assert compare_qa.main([f"--runs={tmp_path / 'nowhere'}"]) == 2
     err = capsys.readouterr().err

@@ -191,6 +191,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     runs = [r for r in args.runs.split(",") if r]
     against = [r for r in args.against.split(",") if r]
+    if not runs:
+        print("compare_qa: --runs: expected one or more comma-separated workdirs or "
+              "report.json paths, got none", file=sys.stderr)
+        return 2
     try:
         result, lines = compare(runs, against)
     except ReportError as e:
