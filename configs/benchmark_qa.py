@@ -6,13 +6,15 @@
 `:cpu` is the reduced 2-core run of the README: stage 1 as configs/stage1.py was before its
 conv stem (40k maps, the tiny ViT at 64x64 / patch 8, SigLIP patch conv so that the model
 exports, 3,600 steps), then a 4-layer, 128-wide LM (1.1M parameters),
-one dialogue per map, 2,500 steps of 32 dialogues (about 53 min at 0.79 steps/s on 2 cores).
+one dialogue per map, 2,500 steps of 32 dialogues (53 min at 0.79 steps/s on 2 cores in the
+first runs; about 80 min at 0.52 steps/s with the current answers and `(0,-1)` features).
 
 Targets on held-out synthetic maps (`test` split, half of its dialogues with held-out
 phrasings/orders): defect-type answers >= 95% (>= 90% on the held-out phrasings), numeric
 answers (count, zone extent, yield, area) >= 80% within tolerance.
 
-The default is the run made on one H100 (2026-11-28): a `small`-shaped, 4-layer, 256-wide LM
+The default is the run made on one H100 (2026-11-28; the older count answer and phrasing
+bank): a `small`-shaped, 4-layer, 256-wide LM
 (3.6M parameters in all, 3.5M trained) on the tiny ViT (32x32, patch 4: 64 image tokens); two
 dialogues per training map (40,000); 300 alignment steps, then 5,000 steps of 32 dialogues
 (307 s of stage 2, about 42 steps/s; stage 1 ran beside two other jobs). On 500 `test` maps
@@ -20,11 +22,11 @@ dialogues per training map (40,000); 300 alignment steps, then 5,000 steps of 32
 numeric 67.1% within tolerance (yield 98.7%, area 86.6%, failing-die count 47.1%, zone count
 21.1%): not met. 5,000 rather than the 8,000 steps first planned, because 8,000 did not fit
 the device time of that session; README "Stage 2" has the whole table.
-`:cpu` (2 cores, 53 min of stage 2): defect type 92.6% (97.1% / 88.3%), numeric 53.7%.
-Those runs used the older count answer "F of the N dies fail."; with the share-first form
-("P% of the N dies fail, which is F dies.") and `feature_layer=(0,-1)`, `:cpu` gave
-failing-die count 45.1% against 28.0% for the older form on the same checkpoint, numeric
-58.0% against 53.9% (one run each; README "Share first, then the count").
+`:cpu` (2 cores, 2,500 steps at 0.52 steps/s alone), with the current code (share-first count
+answers, the wider phrasing bank, made-up words, one opening) and
+`--config.model.vit.feature_layer="(0,-1)"` (2026-11-29, one run): defect type 94.6% (98.8% /
+90.6% held out), numeric 63.0% (yield 93.3%, area 77.2%, failing-die count 44.5%, zone count
+18.1%); README "Synthetic QA, `configs/benchmark_qa.py:cpu`" has the table and how it moved.
 """
 from configs import common
 from wamglm_jax.data.splits import default_data_config

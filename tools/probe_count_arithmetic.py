@@ -164,8 +164,8 @@ def main(argv=None) -> dict:
     # ------------------------------------------------------------------ train and score
     rng = np.random.default_rng(args.seed)
     rows, start = [], time.time()
-    print(f"| step | count answers seen | train loss | count within tolerance | exact | wall s |\n"
-          f"|---|---|---|---|---|---|")
+    print("| step | count answers seen | train loss | count within tolerance | exact | wall s |\n"
+          "|---|---|---|---|---|---|")
     for step in range(1, args.steps + 1):
         idx = rng.integers(0, len(train_pairs), args.batch_size)
         params, opt_state, loss = train_step(params, opt_state, jnp.asarray(train_toks[idx]),
