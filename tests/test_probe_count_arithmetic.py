@@ -77,7 +77,11 @@ def test_main_trains_and_writes_json(tmp_path):
 
 
 @pytest.mark.parametrize("flag, message", [("--steps=0", "--steps=0"),
-                                           ("--config=configs/nope.py", "no such file")])
+                                           ("--config=configs/nope.py", "no such file"),
+                                           ("--config=configs/stage1.py",
+                                            "lacks config.stage2.vocab_size"),
+                                           ("--json=/nonexistent/dir/p.json",
+                                            "its directory does not exist")])
 def test_bad_arguments_are_named(flag, message, capsys):
     with pytest.raises((SystemExit, FileNotFoundError)) as err:
         probe.main([flag])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -122,10 +123,16 @@ def main(argv=None) -> dict:
     for name in ("num_maps", "steps", "batch_size", "eval_every", "num_eval"):
         if getattr(args, name) < 1:
             ap.error(f"--{name}={getattr(args, name)}: expected a positive integer")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        ap.error(f"--json={args.json}: its directory does not exist (checked before training, "
+                 "so no result is lost)")
     config = load_config(args.config)
-    if "stage2" not in config or "lm" not in config.model:
-        ap.error(f"--config={args.config}: expected a stage-2 config (config.model.lm and "
-                 "config.stage2)")
+    missing = [name for name, ok in (
+        ("config.model.lm", "lm" in config.get("model", {})),
+        ("config.stage2.vocab_size", "vocab_size" in config.get("stage2", {})),
+        ("config.stage2.optimizer", "optimizer" in config.get("stage2", {}))) if not ok]
+    if missing:
+        ap.error(f"--config={args.config}: not a stage-2 config, it lacks {', '.join(missing)}")
 
     # ------------------------------------------------------------------ data
     train_pairs = count_pairs(args.num_maps, args.seed)
