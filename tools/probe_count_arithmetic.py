@@ -10,11 +10,11 @@ writes the failing share (read from the image) and copies the die count (from th
 before it writes the count, so the last number is that share of that die count. A stage-2 run's
 `count_diagnostics` measures how often its written count is within 10% of the product of the two
 numbers it wrote. This probe measures what the same language model (config.model.lm, randomly
-initialised, our digit-split BPE tokenizer) learns of that step alone: it trains on the
-sentences of --num_maps generated maps, the loss on the count and its closing words only, and
-scores the greedy count on --num_eval maps of another seed with the QA scorer (within 10%, or
-1 die below 10). No image and no dialogue: the perfect-reading ceiling, to set against the
-run's figure at the same number of count answers seen (steps x batch_size here).
+initialised, our digit-split BPE tokenizer, stage 2's optimizer) learns of that step alone: it
+trains on the sentences of --num_maps generated maps, the loss on the count and its closing
+words only, and scores the greedy count on --num_eval maps of another seed with the QA scorer
+(within 10%, or 1 die below 10). No image and no dialogue: the perfect-reading ceiling, to set
+against the run's figure at the same number of count answers seen (steps x batch_size here).
 Prints a table (one row per evaluation); the last line is the same as JSON (also --json).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from wamglm_jax.models.decoder import Decoder
 from wamglm_jax.qa.answers import render_answer
 from wamglm_jax.qa.facts import compute_facts
 from wamglm_jax.qa.tokenizer import train_tokenizer
-from wamglm_jax.train.optim import learning_rate_schedule
+from wamglm_jax.train.optim import make_optimizer
 
 SPLIT = " which is"     # the prompt ends here; the model writes " F dies."
 
@@ -98,6 +98,9 @@ def make_greedy(model, new_tokens: int):
 
 
 def evaluate(greedy, params, tok, toks, plen, pairs, new_tokens: int) -> dict:
+    """The first word of each greedy continuation read as the count and scored with the QA
+    tolerance (`score`). Stricter than the QA parser, whose fallback would read the share's
+    first digit from a continuation without a number."""
     out = np.asarray(greedy(params, jnp.asarray(toks), jnp.asarray(plen)))
     within = exact = 0
     for row, p, (failing, _) in zip(out, plen, pairs):
@@ -151,8 +154,7 @@ def main(argv=None) -> dict:
     model = Decoder(model_cfg)
     params = model.init(jax.random.PRNGKey(args.seed), jnp.asarray(train_toks[:2]))["params"]
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    tx = optax.adamw(learning_rate_schedule(config.stage2.optimizer, args.steps),
-                     weight_decay=config.stage2.optimizer.weight_decay)
+    tx, _ = make_optimizer(config.stage2.optimizer, args.steps, params)   # stage 2's optimizer
     opt_state = tx.init(params)
 
     @jax.jit
