@@ -21,9 +21,15 @@ from wamglm_jax.qa.io import read_jsonl
 
 
 def stats(items: list[dict], tok=None, num_image_tokens: int = 64, max_len: int = 2048) -> dict:
+    """Counts over the dialogues; count drills (qa/drills.py, training data) are counted apart
+    and the token counts cover everything that is trained on."""
+    everything = items
+    drills = [it for it in items if it.get("drill")]
+    items = [it for it in items if not it.get("drill")]
     out = {"dialogues": len(items), "heldout_dialogues": sum(bool(it.get("heldout"))
                                                               for it in items),
-           "turns": sum(len(it["answer_key"]) for it in items)}
+           "turns": sum(len(it["answer_key"]) for it in items),
+           "drills": len(drills), "drill_turns": sum(len(it["answer_key"]) for it in drills)}
     out["turns_per_dialogue"] = dict(sorted(collections.Counter(
         len(it["answer_key"]) for it in items).items()))
     out["kinds"] = dict(sorted(collections.Counter(
@@ -34,7 +40,7 @@ def stats(items: list[dict], tok=None, num_image_tokens: int = 64, max_len: int 
         it.get("class_name", str(it["class"])) for it in items).items()))
     if tok is not None:
         from wamglm_jax.qa.encode import encode_items
-        _, st = encode_items(tok, items, num_image_tokens=num_image_tokens, max_len=max_len)
+        _, st = encode_items(tok, everything, num_image_tokens=num_image_tokens, max_len=max_len)
         out["tokens"] = st
     return out
 

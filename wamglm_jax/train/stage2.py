@@ -54,6 +54,7 @@ from wamglm_jax.qa import encode as qenc
 from wamglm_jax.qa.answers import COUNT_FORMS
 from wamglm_jax.qa.augment import check_probability, frame_questions, noise_questions
 from wamglm_jax.qa.dialogues import build_dialogues
+from wamglm_jax.qa.drills import build_count_drills, check_drill_config
 from wamglm_jax.qa.io import write_jsonl
 from wamglm_jax.qa.knowledge_base import load_knowledge_base
 from wamglm_jax.qa.tokenizer import image_token_id
@@ -84,6 +85,8 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
                                                  # (README "Made-up words in the noise")
         question_frames=dict(prob=0.0),   # > 0: neutral frames around training questions
                                           # (qa/augment.py); off: README "Neutral frames"
+        count_drills=dict(prob=0.0, turns=4),   # > 0: that share of the training maps also
+                                          # gets a count drill of `turns` exchanges (qa/drills.py)
         eval_heldout_fraction=0.5,  # val/test dialogues with held-out phrasings/orders
         vocab_size=1024,            # tokenizer training
         tokenizer_dir="",           # a pretrained HF tokenizer instead of training one
@@ -268,6 +271,7 @@ def run(config, workdir, mesh=None) -> dict:
     for group, name in (("question_frames", "prob"), ("question_noise", "dialogue_prob"),
                         ("question_noise", "word_prob"), ("question_noise", "pseudo_share")):
         check_probability(f"config.stage2.{group}.{name}", s2[group][name])
+    check_drill_config(s2.count_drills.prob, s2.count_drills.turns)
     rules = shd.rules_from_config(config)
     if mesh is None:
         from wamglm_jax.parallel.mesh import make_mesh
@@ -288,12 +292,11 @@ def run(config, workdir, mesh=None) -> dict:
     kb = load_knowledge_base(s2.kb_path or None)
     splits = load_splits(config.data)
     seed = int(config.seed)
+    train_indices = capped_indices(splits["train"].labels, int(s2.max_per_class), seed,
+                                   str(s2.class_scaling))
     items = {"train": build_dialogues(splits["train"], seed=seed, per_map=int(s2.per_map),
                                       heldout=False, kb=kb, id_prefix="train-",
-                                      count_form=str(s2.count_form),
-                                      indices=capped_indices(splits["train"].labels,
-                                                             int(s2.max_per_class), seed,
-                                                             str(s2.class_scaling)))}
+                                      count_form=str(s2.count_form), indices=train_indices)}
     for k, name in enumerate(("val", "test")):
         if splits.get(name) is not None:
             items[name] = build_dialogues(splits[name], seed=seed + 17 + k, per_map=1,
@@ -305,7 +308,13 @@ def run(config, workdir, mesh=None) -> dict:
     if n_framed:
         logging.info("stage2: neutral frames around %d training questions (prob %.2f)", n_framed,
                      float(s2.question_frames.prob))
-    tok, tok_path = get_tokenizer(s2, workdir, items["train"])
+    drills = build_count_drills(splits["train"], prob=float(s2.count_drills.prob),
+                                turns=s2.count_drills.turns, seed=seed, indices=train_indices,
+                                count_form=str(s2.count_form), id_prefix="train-drill-")
+    if drills:
+        logging.info("stage2: %d count drills of %d exchanges (prob %.2f)", len(drills),
+                     int(s2.count_drills.turns), float(s2.count_drills.prob))
+    tok, tok_path = get_tokenizer(s2, workdir, items["train"] + drills)
     qn = s2.question_noise
     items["train"], n_noised = noise_questions(items["train"], seed=seed,
                                                dialogue_prob=float(qn.dialogue_prob),
@@ -315,6 +324,7 @@ def run(config, workdir, mesh=None) -> dict:
         logging.info("stage2: question-wording noise on %d of %d training dialogues "
                      "(word_prob %.2f, made-up word share %.2f)", n_noised, len(items["train"]),
                      float(qn.word_prob), float(qn.pseudo_share))
+    items["train"] += drills                    # after the noise: drills are never noised
     imported_lm = None
     if s2.init_lm_from:
         model_cfg, imported_lm = import_lm(config, s2, tok)

@@ -51,9 +51,12 @@ def capped_indices(labels, cap: int, seed: int, scaling: str = "flat"):
 
 def describe_items(items):
     """Caption-like dialogues for the projector-alignment phase: one question, the answers of
-    the item's type/location/extent turns joined as the description."""
+    the item's type/location/extent turns joined as the description; count drills
+    (qa/drills.py) are left out: their counts are not the map's."""
     out = []
     for it in items:
+        if it.get("drill"):
+            continue
         parts = [it["messages"][k["turn"]]["content"] for k in it["answer_key"]
                  if k["kind"] in ("defect_type", "location", "count", "yield", "area")]
         if not parts:
