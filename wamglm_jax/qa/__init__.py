@@ -8,6 +8,9 @@
   dialogues.py       build_dialogues(dataset, ...) -> items; transform_item(item, map, k, flip);
                      map_context / first_user_turn (die count and lot context lines, also
                      used by the chat)
+  drills.py          build_count_drills(dataset, prob=, turns=, seed=) -> training-only count
+                     drills (a stated failing share -> the count sentence)
+  augment.py         noise_questions / frame_questions (training question wording)
   io.py              write_vmqa / load_vmqa (JSONL + maps npz), TFDS ArrayRecord for grain
   tokenizer.py       train/save/load tokenizer, CHAT_TEMPLATE with {% generation %} marks
   encode.py          encode_dialogue / encode_items / encode_prompt, bucketed_batches

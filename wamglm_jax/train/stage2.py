@@ -6,8 +6,10 @@
 
 Steps:
 1. load_splits(config.data) -> dialogues (qa.dialogues.build_dialogues; train with training
-   phrasings, val/test with a held-out fraction) -> tokenizer -> config.model.image_token_id and
-   lm.vocab_size (padded to a multiple of 128) from it -> encoded dialogues (assistant-only
+   phrasings, val/test with a held-out fraction), training-only count drills if
+   config.stage2.count_drills.prob > 0 (qa/drills.py) -> tokenizer -> config.model.image_token_id
+   and lm.vocab_size (padded to a multiple of 128) from it -> question-wording noise on the
+   training dialogues (qa/augment.py; not the drills) -> encoded dialogues (assistant-only
    loss masks from the chat template) -> length-bucketed batches (a resumable iterator;
    train/stage2_data.py).
 2. WamGLM, sharded init; the vision tower is restored from the stage-1 checkpoint
