@@ -19,6 +19,8 @@ def data():
 def test_every_answer_is_the_stated_share_of_the_context_die_count(data):
     items = drills.build_count_drills(data, prob=1.0, turns=3, seed=0)
     assert len(items) == int(sum(np.count_nonzero(m) > 0 for m in data.maps))
+    shares = [(np.asarray(m) == 2).sum() / np.count_nonzero(m) for m in data.maps
+              if np.count_nonzero(m)]
     for it in items:
         m = data.maps[it["image_index"]]
         total = int(re.search(r"The wafer has (\d+) dies\.", it["messages"][0]["content"])[1])
@@ -37,6 +39,8 @@ def test_every_answer_is_the_stated_share_of_the_context_die_count(data):
             assert abs(100.0 * failing / total - pct) <= 0.05 + 1e-9
             if t == 0:                          # the first share is the map's own
                 assert failing == int((np.asarray(m) == 2).sum())
+            else:                               # later ones: another drill map's share
+                assert any(round(s * total) == failing for s in shares)
         assert [k["turn"] for k in it["answer_key"]] == [1, 3, 5]
 
 
@@ -63,6 +67,12 @@ def test_drill_questions_use_no_heldout_only_word():
 def test_bad_drill_config_names_the_field(data, prob, turns, match):
     with pytest.raises(ValueError, match=match):
         drills.build_count_drills(data, prob=prob, turns=turns, seed=0)
+
+
+def test_evaluation_never_reads_a_drill_as_a_bank_phrasing(data):
+    from wamglm_jax.evaluate.qa import phrasing_of
+    item = drills.build_count_drills(data, prob=1.0, turns=2, seed=0)[0]
+    assert phrasing_of(item, 0) is None and phrasing_of(item, 1) is None
 
 
 def test_alignment_captions_leave_drills_out(data):
@@ -104,6 +114,8 @@ def test_stage2_trains_on_unnoised_drills_and_the_tokenizer_sees_them(tmp_path, 
         stage2.run(config, str(tmp_path / "run"))
     trained = [it for it in seen["items"] if it.get("drill")]
     dialogues = [it for it in seen["items"] if not it.get("drill")]
+    maps = len(dialogues) // int(config.stage2.per_map)
+    assert 0.35 * maps < len(trained) < 0.65 * maps       # prob 0.5 of the training maps
     assert trained and dialogues and all(it.get("question_noise") for it in dialogues)
     assert not any(it.get("question_noise") for it in trained)
     assert {it["id"] for it in trained} <= {it["id"] for it in seen["tok_items"]}
@@ -114,12 +126,15 @@ def test_stage2_trains_on_unnoised_drills_and_the_tokenizer_sees_them(tmp_path, 
     assert '"drill": true' in written
 
 
-def test_qa_stats_counts_drills_apart(data):
+def test_qa_stats_counts_drills_apart(data, tmp_path):
     from tools.qa_stats import stats
     from wamglm_jax.qa.dialogues import build_dialogues
+    from wamglm_jax.qa.tokenizer import build_tokenizer
     dialogues = build_dialogues(data, seed=0)
     drill_items = drills.build_count_drills(data, prob=1.0, turns=2, seed=0)
-    s = stats(dialogues + drill_items)
+    tok = build_tokenizer(dialogues + drill_items, str(tmp_path / "tok"), vocab_size=400)
+    s = stats(dialogues + drill_items, tok, num_image_tokens=4)
+    assert s["tokens"]["samples"] == len(dialogues) + len(drill_items)   # all that trains
     assert s["dialogues"] == len(dialogues) and s["drills"] == len(drill_items)
     assert s["drill_turns"] == 2 * len(drill_items)
     assert s["kinds"].get("count", 0) == sum(k["kind"] == "count" for it in dialogues

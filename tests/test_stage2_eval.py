@@ -331,10 +331,12 @@ def test_question_frames_reach_the_training_dialogues(tmp_path, monkeypatch):
                                          ("question_noise.dialogue_prob", -0.1),
                                          ("question_noise.word_prob", 2.0),
                                          ("question_noise.pseudo_share", -0.5),
-                                         ("count_drills.prob", 1.5)])
+                                         ("count_drills.prob", 1.5),
+                                         ("count_drills.turns", 0)])
 def test_bad_question_augmentation_fails_before_anything_is_built(tmp_path, monkeypatch, field,
                                                                   value):
-    """A probability outside [0, 1] names its field before any data is read or written."""
+    """A probability outside [0, 1] (or a drill of no exchanges) names its field before any
+    data is read or written."""
     from configs import quickstart
     from wamglm_jax.train import stage2
 
@@ -345,23 +347,9 @@ def test_bad_question_augmentation_fails_before_anything_is_built(tmp_path, monk
     config = quickstart.get_config("ci")
     group, name = field.split(".")
     config.stage2[group][name] = value
-    with pytest.raises(ValueError, match=rf"config.stage2.{field}={value}: expected a "
-                                         r"probability in \[0, 1\]"):
+    expected = ("an integer >= 1" if field.endswith("turns")
+                else r"a probability in \[0, 1\]")
+    with pytest.raises(ValueError, match=rf"config.stage2.{field}={value}: expected {expected}"):
         stage2.run(config, str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()
 
-
-def test_bad_drill_turns_fail_before_anything_is_built(tmp_path, monkeypatch):
-    from configs import quickstart
-    from wamglm_jax.train import stage2
-
-    def no_data(*a, **k):
-        raise AssertionError("data loaded before the config was checked")
-
-    monkeypatch.setattr(stage2, "load_splits", no_data)
-    config = quickstart.get_config("ci")
-    config.stage2.count_drills.turns = 0
-    with pytest.raises(ValueError, match=r"config.stage2.count_drills.turns=0: expected an "
-                                         r"integer >= 1"):
-        stage2.run(config, str(tmp_path / "bad"))
-    assert not (tmp_path / "bad").exists()

@@ -74,6 +74,8 @@ def main(argv=None):
         print(f"== {name}: {s['dialogues']} dialogues ({s['heldout_dialogues']} held-out), "
               f"{s['turns']} assistant turns")
         print(f"   turns/dialogue: {s['turns_per_dialogue']}")
+        if s["drills"]:
+            print(f"   count drills: {s['drills']} ({s['drill_turns']} exchanges; qa/drills.py)")
         if "tokens" in s:
             t = s["tokens"]
             print(f"   tokens: {t['tokens']} total, {t['loss_tokens']} trained (assistant), "

@@ -92,9 +92,10 @@ def score(kind: str, pred: Any, want: Any, text: str | None = None) -> bool:
 
 def phrasing_of(item: dict, step: int) -> str | None:
     """The question template asked at plan step `step` (the bank the item drew from: held-out
-    or training phrasings), or None for items without a plan."""
+    or training phrasings), or None for items without a plan and for count drills (their
+    questions are not in the banks; qa/drills.py)."""
     plan = item.get("plan")
-    if not plan or step >= len(plan):
+    if not plan or step >= len(plan) or item.get("drill"):
         return None
     return question_template(plan[step], bool(item.get("heldout")))
 

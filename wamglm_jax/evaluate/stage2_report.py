@@ -25,7 +25,7 @@ def evaluate_and_report(*, stage, config, s2, workdir, stage_dir, mesh, rules, m
     qa_records.jsonl, qa.png, report.json and report.md (process 0)."""
     ev = s2.eval
     split = ev.split if ev.split in items else "val"
-    pool = items[split]
+    pool = [it for it in items[split] if not it.get("drill")]   # drills: training data only
     pick = np.random.default_rng(int(config.seed) + 99).permutation(len(pool))[:int(ev.num_maps)]
     eval_items = [pool[i] for i in sorted(pick)]        # a seeded random sample of the split
     ndev = shd.axis_size(mesh, shd.BATCH_AXES)

@@ -169,6 +169,12 @@ def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None,
     raise ValueError(f"render_answer: unknown kind {kind!r}; expected one of {KINDS}")
 
 
+def stated_share(failing: int, total: int) -> float:
+    """The failing share as the share-first count answer states it: a percentage rounded to
+    0.1 ("8.4" for 171 of 2046 dies)."""
+    return round(100.0 * failing / total, 1)
+
+
 def _count_sentence(failing: int, total: int, form: str) -> str:
     """share_first: "8.4% of the 2046 dies fail, which is 171 dies." The share is what the
     image shows (it is area-resized, so dies cannot be counted one by one) and the die total
@@ -181,7 +187,7 @@ def _count_sentence(failing: int, total: int, form: str) -> str:
         return f"{failing} of the {total} dies fail."
     if total == 0:
         return "This map has no dies."
-    pct = round(100.0 * failing / total, 1)
+    pct = stated_share(failing, total)
     return (f"{pct}% of the {total} dies fail, which is {failing} "
             f"{'die' if failing == 1 else 'dies'}.")
 

@@ -16,6 +16,11 @@ Item format: as qa.dialogues.build_dialogues (the map's image and context lines;
 entries of kind `count`), plus "drill": True; plan steps have kind "count_drill" and the share
 as a percentage in "pct". Drills are training data only: never evaluated, never noised or framed,
 and left out of the projector-alignment captions.
+A drawn share s gives the count round(s * N) and the stated share is that count's, rounded to
+0.1%, exactly as a real count answer states its share: so a stated share may fit two or three
+counts (8.4% of 2046 dies is 171 or 172 to 0.1%), as in the dialogues, far inside the 10%
+tolerance. With config.stage2.count_form='count_first' the answer does not repeat the share
+("171 of the 2046 dies fail."); the drill then asks for the count of a stated share all the same.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import numpy as np
 
 from wamglm_jax.data.labels import class_names
 from wamglm_jax.qa import facts as F
-from wamglm_jax.qa.answers import COUNT_FORMS, render_answer
+from wamglm_jax.qa.answers import COUNT_FORMS, render_answer, stated_share
 from wamglm_jax.qa.augment import check_probability
 from wamglm_jax.qa.dialogues import first_user_turn, map_context
 
@@ -47,11 +52,6 @@ def check_drill_config(prob, turns) -> None:
     check_probability("config.stage2.count_drills.prob", prob)
     if isinstance(turns, bool) or not isinstance(turns, (int, np.integer)) or turns < 1:
         raise ValueError(f"config.stage2.count_drills.turns={turns!r}: expected an integer >= 1")
-
-
-def _pct(failing: int, total: int) -> float:
-    """The share as the count answer writes it (answers._count_sentence)."""
-    return round(100.0 * failing / total, 1)
 
 
 def build_count_drills(dataset, *, prob: float, turns: int, seed: int,
@@ -82,7 +82,7 @@ def build_count_drills(dataset, *, prob: float, turns: int, seed: int,
         for t, f in enumerate(failing):
             bank = FIRST_QUESTIONS if t == 0 else NEXT_QUESTIONS
             q_id = int(rng.integers(len(bank)))
-            q = bank[q_id].format(pct=_pct(f, total))
+            q = bank[q_id].format(pct=stated_share(f, total))
             if t == 0:
                 q = first_user_turn(q, map_context(dataset.maps[i], ctx))
             value = {"failing": f, "total": total}
@@ -90,7 +90,7 @@ def build_count_drills(dataset, *, prob: float, turns: int, seed: int,
                          {"role": "assistant",
                           "content": render_answer("count", value, count_form=count_form)}]
             key.append({"turn": len(messages) - 1, "kind": "count", "value": value})
-            plan.append({"kind": "count_drill", "q": q_id, "pct": _pct(f, total)})
+            plan.append({"kind": "count_drill", "q": q_id, "pct": stated_share(f, total)})
         items.append({"id": f"{id_prefix}{i}", "images": [f"{maps_name}#{i}"],
                       "image_index": i, "messages": messages, "class": label,
                       "class_name": names[label], "label_space": dataset.label_space,
