@@ -12,6 +12,11 @@ count. Several exchanges per drill, each with a share drawn from the drill maps'
 first one is the map's true share), so the arithmetic is practised over the range the real
 answers need.
 
+Measured once (README "Count drills"): drills on a quarter of the `:cpu` training maps did not
+lift the product inside the dialogues, and the run's count in the drills themselves was within
+tolerance only 22.5% of the time; the count's tokens are a small share of stage 2's loss. Off by
+default (config.stage2.count_drills.prob=0).
+
 Item format: as qa.dialogues.build_dialogues (the map's image and context lines; answer_key
 entries of kind `count`), plus "drill": True; plan steps have kind "count_drill" and the share
 as a percentage in "pct". Drills are training data only: never evaluated, never noised or framed,

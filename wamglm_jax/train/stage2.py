@@ -88,7 +88,8 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
         question_frames=dict(prob=0.0),   # > 0: neutral frames around training questions
                                           # (qa/augment.py); off: README "Neutral frames"
         count_drills=dict(prob=0.0, turns=4),   # > 0: that share of the training maps also
-                                          # gets a count drill of `turns` exchanges (qa/drills.py)
+                                          # gets a count drill of `turns` exchanges (qa/drills.py);
+                                          # off: README "Count drills" (no gain in one run)
         eval_heldout_fraction=0.5,  # val/test dialogues with held-out phrasings/orders
         vocab_size=1024,            # tokenizer training
         tokenizer_dir="",           # a pretrained HF tokenizer instead of training one
