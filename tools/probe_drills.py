@@ -23,6 +23,8 @@ import sys
 
 import numpy as np
 
+from tools._json_line import emit
+
 
 def load_maps(workdir: str, data: str | None, split: str):
     """The dataset of `split`: from `data`, or from the run's stage2/config.json config.data."""
@@ -88,12 +90,7 @@ def main(argv=None) -> int:
     print("| " + " | ".join("n/a" if out[k] is None else f"{100 * out[k]:.1f}%" for k in
                             ("count_within_tol", "first_share", "other_shares",
                              "product_within_tol")) + " |")
-    line = json.dumps(out)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
-    print(line)
+    emit(out, args.json)
     return 0
 
 

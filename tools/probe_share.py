@@ -19,13 +19,13 @@ Prints a table; the last line is the same as JSON (also written to --json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Callable
 
 import numpy as np
 
+from tools._json_line import emit
 from wamglm_jax.evaluate.qa import COUNT_REL_TOL, PCT_TOL as PCT_POINTS
 
 LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -145,12 +145,7 @@ def main(argv=None) -> int:
         med = r["median_rel_error"]
         print(f"| {name:34s} | {100 * (r['within_10pct_rel'] or 0):13.1f}% | "
               f"{100 * r['within_3pt']:10.1f}% | {'n/a' if med is None else f'{100 * med:.1f}%':>14s} |")
-    line = json.dumps(out, default=str)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
-    print(line)
+    emit(out, args.json, default=str)
     return 0
 
 
