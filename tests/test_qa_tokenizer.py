@@ -12,7 +12,8 @@ from wamglm_jax.qa.dialogues import build_dialogues
 from wamglm_jax.qa.encode import (EncodeError, bucket_boundaries, bucketed_batches,
                                   encode_dialogue, encode_items)
 from wamglm_jax.qa.tokenizer import (CHAT_TEMPLATE, SPECIAL_TOKENS, TokenizerError,
-                                     build_tokenizer, load_tokenizer, vocab_report)
+                                     build_tokenizer, load_tokenizer, numeric_token_mask,
+                                     vocab_report)
 
 N_IMG = 16
 
@@ -51,6 +52,21 @@ def test_every_digit_is_one_token(built):
         digit_pieces = [p for p in pieces if any(c.isdigit() for c in p)]
         assert all(len(p) == 1 for p in digit_pieces), pieces
         assert len(digit_pieces) == sum(c.isdigit() for c in text)
+
+
+def test_numeric_token_mask_marks_exactly_the_digits(built):
+    tok, _, _ = built
+    v = len(tok) + 40                                   # a padded model vocabulary
+    mask = numeric_token_mask(tok, v)
+    assert mask.shape == (v,) and not mask[len(tok):].any()
+    ids = tok.encode("8.4% of the 2046 dies fail, which is 171 dies.", add_special_tokens=False)
+    for i in ids:
+        assert mask[i] == tok.decode([i]).isdigit(), tok.decode([i])
+    assert set(np.flatnonzero(mask)) == {tok.convert_tokens_to_ids(tok.tokenize(str(d))[0])
+                                         for d in range(10)}
+    assert not mask[tok.all_special_ids].any()
+    with pytest.raises(ValueError, match="more than the model's vocab_size=10"):
+        numeric_token_mask(tok, 10)
 
 
 def test_config_loads_in_transformers_4_and_5(built):

@@ -162,3 +162,22 @@ def vocab_report(tok) -> dict:
     return {"vocab_size": n, "padded_to_128": -(-n // 128) * 128,
             "image_token_id": image_token_id(tok), "pad_id": tok.pad_token_id,
             "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id}
+
+
+
+def numeric_token_mask(tok, vocab_size: int):
+    """bool[vocab_size]: True for the token ids whose text contains a digit (our tokenizer
+    spells every digit as its own token; for a pretrained one, any token with a digit in it).
+    Special tokens and the padding ids past len(tok) are False. Stage 2 weights these targets
+    by config.stage2.numeric_loss_weight (README "Numeric loss weight")."""
+    import numpy as np
+
+    if len(tok) > vocab_size:
+        raise ValueError(f"numeric_token_mask: the tokenizer has {len(tok)} tokens, more than "
+                         f"the model's vocab_size={vocab_size}")
+    out = np.zeros(vocab_size, bool)
+    special = set(tok.all_special_ids)
+    for i in range(len(tok)):
+        if i not in special and any(c.isdigit() for c in tok.decode([i])):
+            out[i] = True
+    return out

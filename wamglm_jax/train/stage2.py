@@ -59,7 +59,7 @@ from wamglm_jax.qa.dialogues import build_dialogues
 from wamglm_jax.qa.drills import build_count_drills, check_drill_config
 from wamglm_jax.qa.io import write_jsonl
 from wamglm_jax.qa.knowledge_base import load_knowledge_base
-from wamglm_jax.qa.tokenizer import image_token_id
+from wamglm_jax.qa.tokenizer import image_token_id, numeric_token_mask
 from wamglm_jax.train import loop, optim
 from wamglm_jax.train.checkpoint import saved_tree
 from wamglm_jax.train.stage2_data import (DialogueBatches, capped_indices, describe_items,
@@ -87,6 +87,9 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
                                                  # (README "Made-up words in the noise")
         question_frames=dict(prob=0.0),   # > 0: neutral frames around training questions
                                           # (qa/augment.py); off: README "Neutral frames"
+        numeric_loss_weight=1.0,    # > 1: the loss weight of assistant tokens with a digit
+                                    # (counts, shares, yields; qa.tokenizer.numeric_token_weights,
+                                    # README "Numeric loss weight")
         count_drills=dict(prob=0.0, turns=4),   # > 0: that share of the training maps also
                                           # gets a count drill of `turns` exchanges (qa/drills.py);
                                           # off: README "Count drills" (no gain in one run)
@@ -111,6 +114,17 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
     ))
     c.update(overrides)
     return c
+
+
+def check_loss_weight(weight) -> None:
+    """config.stage2.numeric_loss_weight must be a finite number > 0 (1 = plain CE)."""
+    try:
+        ok = bool(np.isfinite(float(weight))) and float(weight) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"config.stage2.numeric_loss_weight={weight!r}: expected a finite "
+                         "number > 0 (1 = plain cross-entropy on every assistant token)")
 
 
 def attach_lora(params: dict, s2, model_cfg, mesh, seed: int) -> dict:
@@ -201,31 +215,44 @@ def restore_stage1_vision(state_dir: str, target_vision):
     return out["params"]["vision"]
 
 
-def lm_loss(logits, tokens, loss_mask):
-    """Mean token CE of positions t-1 -> tokens[t] where loss_mask[t] == 1; and token accuracy."""
+def lm_loss(logits, tokens, loss_mask, token_weights=None):
+    """Token cross-entropy of positions t-1 -> tokens[t] where loss_mask[t] == 1.
+
+    token_weights float[V] (optional): each target's CE is multiplied by the weight of its
+    token id and the sum divided by the sum of those weights (a weighted mean; all ones = the
+    plain mean). Returns dict(loss: the weighted mean, the training objective; ce: the plain
+    mean; token_accuracy: argmax hits among the targets; loss_tokens: their number)."""
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)    # float[B,T-1,V]
-    tgt = tokens[:, 1:]
-    w = loss_mask[:, 1:].astype(jnp.float32)
+    tgt = tokens[:, 1:]                                                         # int[B,T-1]
+    w = loss_mask[:, 1:].astype(jnp.float32)                                    # float[B,T-1]
     nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
     n = jnp.maximum(w.sum(), 1.0)
+    ce = (nll * w).sum() / n
+    if token_weights is None:
+        loss = ce
+    else:
+        tw = w * jnp.asarray(token_weights, jnp.float32)[tgt]
+        loss = (nll * tw).sum() / jnp.maximum(tw.sum(), 1e-6)
     acc = ((jnp.argmax(logp, -1) == tgt) * w).sum() / n
-    return (nll * w).sum() / n, acc, w.sum()
+    return dict(loss=loss, ce=ce, token_accuracy=acc, loss_tokens=w.sum())
 
 
-def make_train_step(model, alpha):
+def make_train_step(model, alpha, token_weights=None):
+    """token_weights float[V] or None: see lm_loss (config.stage2.numeric_loss_weight)."""
     def train_step(state: TrainState, batch):
         mask = batch["loss_mask"] * batch["valid"][:, None]
 
         def loss_fn(params):
             logits = model.apply({"params": lora_lib.effective_params(params, alpha)},
                                  batch["image"], batch["tokens"], batch["attention_mask"])
-            loss, acc, n = lm_loss(logits, batch["tokens"], mask)
-            return loss, (acc, n)
+            out = lm_loss(logits, batch["tokens"], mask, token_weights)
+            return out["loss"], out
 
-        (loss, (acc, n)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         state = state.apply_gradients(grads)
-        return state, dict(loss=loss, token_accuracy=acc, loss_tokens=n,
-                           grad_norm=optax.global_norm(grads))
+        if token_weights is None:
+            metrics.pop("ce")                   # equal to loss
+        return state, dict(metrics, grad_norm=optax.global_norm(grads))
     return train_step
 
 
@@ -275,6 +302,7 @@ def run(config, workdir, mesh=None) -> dict:
                         ("question_noise", "word_prob"), ("question_noise", "pseudo_share")):
         check_probability(f"config.stage2.{group}.{name}", s2[group][name])
     check_drill_config(s2.count_drills.prob, s2.count_drills.turns)
+    check_loss_weight(s2.numeric_loss_weight)
     rules = shd.rules_from_config(config)
     if mesh is None:
         from wamglm_jax.parallel.mesh import make_mesh
@@ -350,9 +378,14 @@ def run(config, workdir, mesh=None) -> dict:
     nimg = num_image_tokens(model_cfg)
     enc, enc_stats = qenc.encode_items(tok, items["train"], num_image_tokens=nimg,
                                        max_len=int(s2.max_len))
-    logging.info("stage2: %d train dialogues, %d tokens (%d loss tokens), %d truncated; "
-                 "vocab %d (model %d), image token %d", enc_stats["samples"],
-                 enc_stats["tokens"], enc_stats["loss_tokens"], enc_stats["truncated"],
+    numeric = numeric_token_mask(tok, int(model_cfg.lm.vocab_size))          # bool[V]
+    numeric_weight = float(s2.numeric_loss_weight)
+    enc_stats["numeric_loss_tokens"] = int(sum((numeric[e["tokens"]] & (e["loss_mask"] > 0)
+                                                ).sum() for e in enc))
+    logging.info("stage2: %d train dialogues, %d tokens (%d loss tokens, %d with a digit, "
+                 "loss weight %.2f), %d truncated; vocab %d (model %d), image token %d",
+                 enc_stats["samples"], enc_stats["tokens"], enc_stats["loss_tokens"],
+                 enc_stats["numeric_loss_tokens"], numeric_weight, enc_stats["truncated"],
                  len(tok), model_cfg.lm.vocab_size, model_cfg.image_token_id)
     shd.check_batch(int(s2.batch_size), mesh, "config.stage2.batch_size")
     bounds = qenc.bucket_boundaries(int(s2.max_len), min_bucket=min(64, int(s2.max_len)))
@@ -379,7 +412,8 @@ def run(config, workdir, mesh=None) -> dict:
         logging.info("stage2: vision tower restored from %s", src)
     alpha = float(s2.lora.alpha)
     lora_on = int(s2.lora.rank) > 0
-    train_step = make_train_step(model, alpha)
+    train_step = make_train_step(model, alpha, None if numeric_weight == 1.0 else
+                                 np.where(numeric, numeric_weight, 1.0).astype(np.float32))
     align_info = None
     if int(s2.align.num_steps) > 0:
         a_enc, _ = qenc.encode_items(tok, describe_items(items["train"]), num_image_tokens=nimg,
