@@ -23,7 +23,8 @@ Steps:
    frozen). LoRA (config.stage2.lora.rank > 0) adds adapters under params['lora'] for kernels
    matching lora.lm_regex / lora.vision_regex; they are applied inside the jitted forward
    (models.lora.apply_lora) and checkpoints keep them unmerged; by default only adapters and
-   the projector train then. Loss: token cross-entropy on assistant tokens only.
+   the projector train then. Loss: token cross-entropy on assistant tokens only (targets
+   spelt with a digit weighted by config.stage2.numeric_loss_weight; 1 = the plain mean).
 4. train.loop.train_loop (checkpointing, resume, metrics, NaN guard, SIGTERM) in workdir/stage2.
 5. Evaluation on config.stage2.eval.split (evaluate.qa: teacher-forced history, per kind,
    whole dialogue, held-out phrasings separately) and the stage-1 + KB template baseline
