@@ -1,6 +1,7 @@
 """The chat: a tiny stage-2 run, `python -m tools.chat --question ...` end to end, and the
 ChatSession context-overflow policy."""
 import os
+import re
 import subprocess
 import sys
 
@@ -91,6 +92,10 @@ def test_chat_first_turn_carries_the_context_lines(tiny_stage2_run, tmp_path):
                    "No other wafers of this lot were measured.")
     np.save(tmp_path / "m.npy", ds.maps[0])
     assert load_map(str(tmp_path / "m.npy"), None, 0)[2] == f"The wafer has {dies} dies."
+    zoned = load_map(str(tmp_path / "m.npy"), None, 0, zone_dies=True)[2]   # zone_form run
+    got = re.fullmatch(r"The wafer has (\d+) dies: (\d+) in the center, (\d+) in the middle "
+                       r"ring and (\d+) at the edge\.", zoned)
+    assert got and int(got[1]) == dies == sum(int(got[k]) for k in (2, 3, 4))
 
     cfg, params, tok = load_for_inference(tiny_stage2_run)
     gen = Generator(cfg, params)
@@ -107,3 +112,29 @@ def test_chat_first_turn_carries_the_context_lines(tiny_stage2_run, tmp_path):
                   {"role": "assistant", "content": "It is a Center pattern, clearly visible."}]
     s2.ask("Why?")
     assert s2.history[0]["content"] == f"<image>\n{ctx}\nWhy?" and len(s2.history) == 2
+
+
+def test_answer_forms_of_a_run_and_bad_configs(tmp_path):
+    """inference.load.answer_forms reads the run's stage2/config.json: both forms when given,
+    the older defaults for a run written before zone_form existed, a clear error for a missing
+    file, bad JSON or an unknown form (naming the file and the field)."""
+    import json
+    from wamglm_jax.inference.load import answer_forms
+
+    def run_with(text):
+        d = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        (d / "stage2").mkdir(parents=True)
+        if text is not None:
+            (d / "stage2" / "config.json").write_text(text)
+        return d
+
+    d = run_with(json.dumps({"stage2": {"count_form": "count_first", "zone_form": "share_first"}}))
+    assert answer_forms(d) == {"count_form": "count_first", "zone_form": "share_first"}
+    assert answer_forms(run_with(json.dumps({"stage2": {"count_form": "share_first"}}))) == \
+        {"count_form": "share_first", "zone_form": "count_first"}
+    with pytest.raises(FileNotFoundError, match=r"stage2/config.json: not found"):
+        answer_forms(run_with(None))
+    with pytest.raises(ValueError, match=r"config.json: not valid JSON"):
+        answer_forms(run_with("{stage2: "))
+    with pytest.raises(ValueError, match=r"config.json: stage2.zone_form='zones'; expected one"):
+        answer_forms(run_with(json.dumps({"stage2": {"zone_form": "zones"}})))

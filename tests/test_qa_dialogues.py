@@ -198,7 +198,12 @@ def check_items(ds, items):
         ctx = loops_context_line(ds, it["image_index"])
         first = msgs[0]["content"][len("<image>\n"):].split("\n")
         dies = sum(int(v > 0) for row in ds.maps[it["image_index"]] for v in row)
-        assert first == ([f"The wafer has {dies} dies."] + ([ctx] if ctx else [])
+        die_line = f"The wafer has {dies} dies."
+        if it.get("zone_form", "count_first") == "share_first":    # the dies per zone too
+            zd = loops_facts(ds.maps[it["image_index"]])["zone_dies"]
+            die_line = (f"The wafer has {dies} dies: {zd['center']} in the center, "
+                        f"{zd['middle']} in the middle ring and {zd['edge']} at the edge.")
+        assert first == ([die_line] + ([ctx] if ctx else [])
                          + [first[-1]]), (it["id"], msgs[0]["content"])
         assert sum(m["content"].count("<image>") for m in msgs) == 1
         assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
@@ -213,6 +218,9 @@ def check_items(ds, items):
             if key["kind"] == "severity":
                 exp = {"severity": exp["severity"]}
             if key["kind"] == "count" and it["count_form"] == "share_first":   # share, to 0.1
+                assert parsed.pop("pct") == round(100 * exp["failing"] / exp["total"], 1)
+            if (key["kind"] == "zone_extent" and it.get("zone_form") == "share_first"
+                    and exp["total"] > 0):
                 assert parsed.pop("pct") == round(100 * exp["failing"] / exp["total"], 1)
             assert parsed == exp, (it["id"], key["kind"], msgs[key["turn"]]["content"])
 
@@ -508,6 +516,43 @@ def test_count_form_option_renders_each_form_and_survives_transform():
     check_items(ds, build_dialogues(ds, seed=0, per_map=3, count_form="count_first"))
     with pytest.raises(ValueError, match="count_form 'share'; expected one of"):
         build_dialogues(ds, seed=0, count_form="share")
+
+
+def test_zone_form_option_renders_each_form_and_survives_transform():
+    """zone_form='share_first': "At the edge, 27.0% of the 1126 dies fail, which is 304
+    dies.", the zone's dies listed in the die count line (check_items compares both with the
+    loop recomputation); 'count_first' keeps the older answer and the plain die count line."""
+    from wamglm_jax.qa.answers import render_answer
+    ds = generate(16, seed=4, label_space="wm811k")
+    zone = r"(the center|the middle ring|the edge)"
+    for form, pattern in [("count_first", rf"^At {zone}, \d+ of \d+ dies fail \(\d+\.\d%\)\.$"),
+                          ("share_first", rf"^At {zone}, \d+\.\d% of the \d+ dies fail, "
+                                          r"which is \d+ dies?\.$")]:
+        items = build_dialogues(ds, seed=0, per_map=8, zone_form=form)
+        check_items(ds, items)
+        zones = [(it, it["messages"][k["turn"]]["content"]) for it in items
+                 for k in it["answer_key"] if k["kind"] == "zone_extent" and k["value"]["total"]]
+        assert zones, "the plans drew no zone question"
+        for it, text in zones:
+            assert re.match(pattern, text), (form, text)
+            assert it["zone_form"] == form
+        it = zones[0][0]
+        new, tm = transform_item(it, ds.maps[it["image_index"]], 1, True)
+        k = next(k for k in new["answer_key"] if k["kind"] == "zone_extent")
+        assert re.match(pattern, new["messages"][k["turn"]]["content"])
+        assert (": " in new["messages"][0]["content"].split("\n")[1]) == (form == "share_first")
+    text = render_answer("zone_extent", {"zone": "edge", "failing": 304, "total": 1126},
+                         zone_form="share_first")
+    assert text == "At the edge, 27.0% of the 1126 dies fail, which is 304 dies."
+    assert parse_answer("zone_extent", text) == {"zone": "edge", "failing": 304, "total": 1126,
+                                                 "pct": 27.0}
+    assert parse_answer("zone_extent", "At the middle ring, 3 of 80 dies fail (3.8%).") == \
+        {"zone": "middle", "failing": 3, "total": 80}
+    with pytest.raises(ValueError, match="zone_form 'share'; expected one of"):
+        build_dialogues(ds, seed=0, zone_form="share")
+    with pytest.raises(ValueError, match="zone_form 'share'; expected one of"):
+        render_answer("zone_extent", {"zone": "edge", "failing": 1, "total": 9},
+                      zone_form="share")
 
 
 @pytest.mark.parametrize("label_space", ["wm811k", "mixedwm38"])

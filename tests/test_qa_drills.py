@@ -139,3 +139,21 @@ def test_qa_stats_counts_drills_apart(data, tmp_path):
     assert s["drill_turns"] == 2 * len(drill_items)
     assert s["kinds"].get("count", 0) == sum(k["kind"] == "count" for it in dialogues
                                              for k in it["answer_key"])
+
+
+def test_zone_form_share_first_gives_drills_the_dialogues_context(data):
+    """With zone_form='share_first' the dialogues' die count line lists the dies per zone; a
+    drill's first turn carries the same line for the same map (the answers are unchanged)."""
+    from wamglm_jax.qa.dialogues import build_dialogues
+    plain = drills.build_count_drills(data, prob=1.0, turns=2, seed=0)
+    zoned = drills.build_count_drills(data, prob=1.0, turns=2, seed=0, zone_form="share_first")
+    dialogue_line = {it["image_index"]: it["messages"][0]["content"].split("\n")[1]
+                     for it in build_dialogues(data, seed=0, zone_form="share_first")}
+    for p, z in zip(plain, zoned):
+        line = z["messages"][0]["content"].split("\n")[1]
+        assert line == dialogue_line[z["image_index"]]
+        assert re.fullmatch(r"The wafer has (\d+) dies: (\d+) in the center, (\d+) in the middle "
+                            r"ring and (\d+) at the edge\.", line)
+        assert p["messages"][1:] == z["messages"][1:] and z["zone_form"] == "share_first"
+    with pytest.raises(ValueError, match="zone_form 'zones'; expected one of"):
+        drills.build_count_drills(data, prob=1.0, turns=2, seed=0, zone_form="zones")

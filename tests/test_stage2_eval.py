@@ -1,4 +1,6 @@
 """QA scoring, the template baseline, and the stage-2 loss against independent computations."""
+import json
+
 import numpy as np
 import pytest
 
@@ -362,6 +364,22 @@ def test_bad_question_augmentation_fails_before_anything_is_built(tmp_path, monk
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("field,value", [("zone_form", "zones"), ("count_form", "shares")])
+def test_bad_answer_form_fails_before_anything_is_built(tmp_path, monkeypatch, field, value):
+    from configs import quickstart
+    from wamglm_jax.train import stage2
+
+    def no_data(*a, **k):
+        raise AssertionError("data loaded before the config was checked")
+
+    monkeypatch.setattr(stage2, "load_splits", no_data)
+    config = quickstart.get_config("ci")
+    config.stage2[field] = value
+    with pytest.raises(ValueError, match=rf"config.stage2.{field}='{value}': expected one of"):
+        stage2.run(config, str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("value", [0.0, -2.0, float("nan"), float("inf")])
 def test_bad_numeric_loss_weight_fails_before_anything_is_built(tmp_path, monkeypatch, value):
     from configs import quickstart
@@ -379,10 +397,10 @@ def test_bad_numeric_loss_weight_fails_before_anything_is_built(tmp_path, monkey
     assert not (tmp_path / "bad").exists()
 
 
-def test_numeric_loss_weight_reaches_the_train_step(tmp_path, monkeypatch):
+def test_numeric_loss_weight_and_zone_form_reach_the_run(tmp_path, monkeypatch):
     """With numeric_loss_weight=3 the step gets weight 3 on exactly the digit tokens (checked
     against the tokenizer's own spelling of the digits) and 1 elsewhere; the encode stats
-    count the digit targets."""
+    count the digit targets. zone_form='share_first' reaches the train and eval dialogues."""
     from configs import quickstart
     from wamglm_jax.train import stage2
 
@@ -402,12 +420,14 @@ def test_numeric_loss_weight_reaches_the_train_step(tmp_path, monkeypatch):
         seen.setdefault("tok", tok)
         seen.setdefault("enc", enc)
         seen.setdefault("stats", stats)
+        seen.setdefault("items", list(items))
         return enc, stats
 
     monkeypatch.setattr(stage2, "make_train_step", spy_step)
     monkeypatch.setattr(stage2.qenc, "encode_items", spy_encode)
     config = quickstart.get_config("ci")
     config.stage2.numeric_loss_weight = 3.0
+    config.stage2.zone_form = "share_first"
     config.stage2.init_vision_from_stage1 = False
     with pytest.raises(Stop):
         stage2.run(config, str(tmp_path / "run"))
@@ -419,6 +439,12 @@ def test_numeric_loss_weight_reaches_the_train_step(tmp_path, monkeypatch):
     brute = sum(1 for e in seen["enc"] for t, m in zip(e["tokens"], e["loss_mask"])
                 if m and tok.decode([int(t)]).strip().isdigit())
     assert seen["stats"]["numeric_loss_tokens"] == brute > 0
+    written = [json.loads(line) for name in ("train", "val") for line in
+               (tmp_path / "run" / "stage2" / "vmqa" / f"{name}.jsonl").read_text().splitlines()]
+    assert seen["items"] and written
+    for it in seen["items"] + written:
+        assert it["zone_form"] == "share_first"
+        assert " in the middle ring and " in it["messages"][0]["content"].split("\n")[1]
 
 
 

@@ -49,9 +49,10 @@ def render_map(m, color: bool) -> str:
     return "\n".join(rows)
 
 
-def load_map(path: str | None, index: int | None, seed: int):
-    """(uint8[H,W] map, description, context lines: die count, lot when known) from a file or
-    the generator."""
+def load_map(path: str | None, index: int | None, seed: int, zone_dies: bool = False):
+    """(uint8[H,W] map, description, context lines: die count (with the dies per zone if
+    zone_dies: the run's zone_form is 'share_first'), lot when known) from a file or the
+    generator."""
     from wamglm_jax.data.dataset import load_dataset
     from wamglm_jax.data.generator import generate
     from wamglm_jax.data.wafer import check_map
@@ -73,7 +74,7 @@ def load_map(path: str | None, index: int | None, seed: int):
     label = int(ds.labels[i])
     name = ds.class_names[label] if label >= 0 else "unlabeled"
     return (m, f"{where}; {m.shape[0]}x{m.shape[1]} dies grid; label: {name}",
-            dataset_context_line(ds, i))
+            dataset_context_line(ds, i, zone_dies))
 
 
 def main(argv):
@@ -84,9 +85,11 @@ def main(argv):
     from wamglm_jax.data.preprocess import area_resize_onehot
     from wamglm_jax.inference.chat import ChatSession
     from wamglm_jax.inference.generate import GenerationConfig, Generator
-    from wamglm_jax.inference.load import load_for_inference
+    from wamglm_jax.inference.load import answer_forms, load_for_inference
 
-    m, desc, context = load_map(FLAGS.map, FLAGS.index, FLAGS.seed)
+    forms = answer_forms(FLAGS.workdir)
+    m, desc, context = load_map(FLAGS.map, FLAGS.index, FLAGS.seed,
+                                zone_dies=forms["zone_form"] == "share_first")
     color = sys.stdout.isatty() if FLAGS.color is None else FLAGS.color
     print(f"Wafer map: {desc}  ('.' good, 'X' failing)")
     print(render_map(m, color))

@@ -62,16 +62,18 @@ def main(argv=None) -> int:
         return 2
 
     from wamglm_jax.evaluate import qa as qa_eval
-    from wamglm_jax.inference.load import load_for_inference
+    from wamglm_jax.inference.load import answer_forms, load_for_inference
     from wamglm_jax.qa.drills import build_count_drills
     try:
         ds = load_maps(args.workdir, args.data, args.split)
         model_cfg, params, tok = load_for_inference(args.workdir)
+        forms = answer_forms(args.workdir)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     labelled = np.flatnonzero(np.asarray(ds.labels) >= 0)[:args.num_maps]
-    items = build_count_drills(ds, prob=1.0, turns=args.turns, seed=args.seed, indices=labelled)
+    items = build_count_drills(ds, prob=1.0, turns=args.turns, seed=args.seed, indices=labelled,
+                               **forms)             # the run's answer forms and context
     _, records = qa_eval.evaluate_model(model_cfg, params, tok, items, ds.maps,
                                         max_new_tokens=40, batch_size=args.batch_size)
 

@@ -1,6 +1,7 @@
 """A trained stage-2 run directory as (model config, params, tokenizer) for inference, chat
 and export: what `workdir/stage2` wrote (model_config.json, the tokenizer it names, the latest
-or a given checkpoint's params), with LoRA adapters merged."""
+or a given checkpoint's params), with LoRA adapters merged; and `answer_forms`, the count and
+zone answer forms the run was trained with (the chat's context lines depend on them)."""
 from __future__ import annotations
 
 import json
@@ -50,3 +51,25 @@ def load_for_inference(workdir, step: int | None = None):
             partial_restore=True))["params"]
     params = lora_lib.merged_params(params, float(meta.get("lora_alpha", 16.0)))
     return model_cfg, params, tok
+
+
+def answer_forms(workdir) -> dict:
+    """{"count_form", "zone_form"} of the stage-2 run in `workdir` (its stage2/config.json);
+    a run written before a field existed gets the form it was trained with then (zone_form
+    'count_first'). zone_form 'share_first' means the model expects the dies per zone in the
+    die count line: qa.dialogues.dataset_context_line(..., zone_dies=True)."""
+    from wamglm_jax.qa.answers import COUNT_FORMS, ZONE_FORMS
+
+    path = epath.Path(workdir).absolute() / STAGE2_DIR / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; is {workdir} a stage-2 run directory?")
+    try:
+        s2 = json.loads(path.read_text()).get("stage2") or {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    out = {"count_form": s2.get("count_form", "share_first"),
+           "zone_form": s2.get("zone_form", "count_first")}
+    for name, allowed in (("count_form", COUNT_FORMS), ("zone_form", ZONE_FORMS)):
+        if out[name] not in allowed:
+            raise ValueError(f"{path}: stage2.{name}={out[name]!r}; expected one of {allowed}")
+    return out

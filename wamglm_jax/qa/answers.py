@@ -11,7 +11,8 @@ Kinds and their values (the `value` of an answer_key entry):
   type_location {"pattern": str, "present": bool, "zones": list[str] | None (None = cannot
                  tell, [] = no failing die), "side": str | None ("all around" for Edge-Ring)}
                  (facts.type_location)
-  zone_extent   {"zone": str, "failing": int, "total": int}
+  zone_extent   {"zone": str, "failing": int, "total": int} (parsed share-first answers also
+                 carry "pct")
   count         {"failing": int, "total": int} (parsed answers in the share-first form also
                  carry "pct", the failing share they state)
   yield         {"yield_pct": float}
@@ -45,6 +46,10 @@ CANNOT_TELL = "I cannot tell from this map"
 # Count answer forms: "8.4% of the 2046 dies fail, which is 171 dies." (share_first) or
 # "171 of the 2046 dies fail." (count_first); see _count_sentence and README "Share first".
 COUNT_FORMS = ("share_first", "count_first")
+# Zone answer forms: "At the edge, 304 of 1126 dies fail (27.0%)." (count_first) or "At the
+# edge, 27.0% of the 1126 dies fail, which is 304 dies." (share_first: the context's die count
+# line then lists the dies per zone, qa.dialogues.die_count_line; README "Zone counts").
+ZONE_FORMS = ("count_first", "share_first")
 # Every defect-type answer opens with these words, `none` maps included, so the first tokens
 # of an answer say which question was read and not what the map shows: a held-out wording read
 # in a later turn was misread mostly on `none` maps when their answer opened differently
@@ -88,7 +93,7 @@ def _side_phrase(side: str | None) -> str:
 
 
 def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None,
-                  count_form: str = "share_first") -> str:
+                  count_form: str = "share_first", zone_form: str = "count_first") -> str:
     kb = _kb(kb)
     if kind == "defect_type":
         if not value:
@@ -135,6 +140,12 @@ def render_answer(kind: str, value: Any, kb: KnowledgeBase | None = None,
         z = value["zone"]
         if value["total"] == 0:
             return f"This map has no dies in {ZONE_TEXT[z]} zone."
+        if zone_form not in ZONE_FORMS:
+            raise ValueError(f"render_answer: zone_form {zone_form!r}; expected one of "
+                             f"{ZONE_FORMS}")
+        if zone_form == "share_first":
+            return f"At {ZONE_TEXT[z]}, " + _count_sentence(value["failing"], value["total"],
+                                                            "share_first")
         pct = round(100.0 * value["failing"] / value["total"], 1)
         return (f"At {ZONE_TEXT[z]}, {value['failing']} of {value['total']} dies fail "
                 f"({pct}%).")
@@ -194,6 +205,7 @@ def _count_sentence(failing: int, total: int, form: str) -> str:
 
 _INT = r"(\d+)"
 _NUM = r"(\d+(?:\.\d+)?)"
+_SHARE_FIRST = _NUM + r"\s*% of (?:the )?" + _INT + r" dies fail\w*, which is " + _INT
 _PAT_RE = re.compile(r"\b(Edge[-_ ]?Loc|Edge[-_ ]?Ring|Near[-_ ]?full|Center|Centre|Donut|Loc|"
                      r"Random|Scratch)\b", re.IGNORECASE)
 
@@ -261,14 +273,17 @@ def parse_answer(kind: str, text: str, kb: KnowledgeBase | None = None) -> Any:
         z = next((z for z in ("center", "middle", "edge") if z in t), None)
         if "no dies" in t:
             return {"zone": z, "failing": 0, "total": 0}
+        m = re.search(_SHARE_FIRST, t)
+        if m:
+            return {"zone": z, "failing": int(m.group(3)), "total": int(m.group(2)),
+                    "pct": float(m.group(1))}
         m = re.search(_INT + r" of " + _INT, t)
         return {"zone": z, "failing": int(m.group(1)) if m else None,
                 "total": int(m.group(2)) if m else None}
     if kind == "count":
         if "no dies" in text.lower():
             return {"failing": 0, "total": 0}
-        m = re.search(_NUM + r"\s*% of (?:the )?" + _INT + r" dies fail\w*, which is " + _INT,
-                      text)
+        m = re.search(_SHARE_FIRST, text)
         if m:
             return {"failing": int(m.group(3)), "total": int(m.group(2)),
                     "pct": float(m.group(1))}

@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from wamglm_jax.qa.answers import COUNT_FORMS
+from wamglm_jax.qa.answers import COUNT_FORMS, ZONE_FORMS
 from wamglm_jax.qa.dialogues import build_dialogues
 from wamglm_jax.qa.io import write_vmqa
 from wamglm_jax.qa.knowledge_base import load_knowledge_base
@@ -25,7 +25,8 @@ def build_vmqa(splits: dict, out_dir: str, *, seed: int = 0, per_map: int = 1,
                heldout: dict | None = None, kb_path: str | None = None,
                vocab_size: int = 1024, tokenizer_dir: str | None = None,
                chat_template: str | None = None, tokenizer_split: str = "train",
-               tfds_too: bool = True, count_form: str = "share_first") -> dict:
+               tfds_too: bool = True, count_form: str = "share_first",
+               zone_form: str = "count_first") -> dict:
     """splits: {name: WaferDataset}. heldout: {name: False|True|fraction} (default False).
     tokenizer_dir: a pretrained HF tokenizer to use instead of training one (chat_template:
     its replacement template with {% generation %} marks). Returns dict(items, paths,
@@ -37,7 +38,7 @@ def build_vmqa(splits: dict, out_dir: str, *, seed: int = 0, per_map: int = 1,
         items[name] = build_dialogues(ds, seed=seed * 1000 + k, per_map=per_map,
                                       heldout=heldout.get(name, False), kb=kb,
                                       maps_name=f"{name}_maps.npz", id_prefix=f"{name}-",
-                                      count_form=count_form)
+                                      count_form=count_form, zone_form=zone_form)
     paths = write_vmqa(out_dir, {n: (items[n], splits[n]) for n in splits}, tfds_too=tfds_too)
     if tokenizer_dir is None:
         if tokenizer_split not in items:
@@ -70,11 +71,13 @@ def main(argv=None):
     ap.add_argument("--vocab_size", type=int, default=1024)
     ap.add_argument("--kb", default=None)
     ap.add_argument("--count_form", default="share_first", choices=COUNT_FORMS)
+    ap.add_argument("--zone_form", default="count_first", choices=ZONE_FORMS)
     a = ap.parse_args(argv)
     splits = {"train": generate(a.num, seed=a.seed, label_space=a.label_space),
               "test": generate(a.num_test, seed=a.seed + 1, label_space=a.label_space)}
     out = build_vmqa(splits, a.out, seed=a.seed, per_map=a.per_map, heldout={"test": 0.5},
-                     kb_path=a.kb, vocab_size=a.vocab_size, count_form=a.count_form)
+                     kb_path=a.kb, vocab_size=a.vocab_size, count_form=a.count_form,
+                     zone_form=a.zone_form)
     print(json.dumps({"paths": out["paths"], "vocab": out["vocab"]}))
 
 

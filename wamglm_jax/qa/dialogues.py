@@ -17,11 +17,15 @@ Item format (one dict per dialogue, JSON-serialisable):
                 dialogue can be re-rendered on a transformed map (transform_item)
   lot_context   facts.lot_context of the map ({"lot": None} without lot metadata); the
                 context line and the batch answers are rendered from it
+  count_form, zone_form  the answer forms it was rendered with (answers.COUNT_FORMS,
+                ZONE_FORMS)
 
 Context lines: what a fab tool puts next to the map for the engineer, machine-rendered.
 * Die count line ("The wafer has 2046 dies."): the product's gross die count, known for every
   map (it is the number of dies of the native-resolution map). The image is area-resized to
   S x S, so the die count cannot be read from it; failing-die and zone counts scale with it.
+  With zone_form='share_first' it also gives the dies per radial zone ("... 2046 dies: 120 in
+  the center, 806 in the middle ring and 1120 at the edge."), the totals of the zone answers.
 * Lot context line (context_line): the dataset's other wafers of the lot.
 map_context renders both, and the same function serves the chat (tools/chat.py through
 dataset_context_line, inference.chat.ChatSession(context=...)), so count and batch questions are
@@ -39,7 +43,7 @@ import numpy as np
 
 from wamglm_jax.data.labels import WM811K_CLASSES, class_names, defect_set
 from wamglm_jax.qa import facts as F
-from wamglm_jax.qa.answers import COUNT_FORMS, PATTERNS, render_answer
+from wamglm_jax.qa.answers import COUNT_FORMS, PATTERNS, ZONE_FORMS, ZONE_TEXT, render_answer
 from wamglm_jax.qa.knowledge_base import KnowledgeBase, load_knowledge_base
 from wamglm_jax.qa.phrasings import HELDOUT, TRAIN, ZONE_WORDS
 
@@ -116,23 +120,33 @@ def context_line(context: dict | None) -> str | None:
     return f"{head} Other wafers of this lot: {n} measured, {k} with failure patterns{detail}."
 
 
-def die_count_line(m: np.ndarray) -> str:
-    """"The wafer has N dies." for map uint8[H,W] (N = cells > 0, as facts.compute_facts)."""
-    return f"The wafer has {int(np.count_nonzero(np.asarray(m)))} dies."
+def die_count_line(m: np.ndarray, zone_dies: bool = False) -> str:
+    """"The wafer has N dies." for map uint8[H,W] (N = cells > 0, as facts.compute_facts).
+    zone_dies (zone_form='share_first'): also the dies per radial zone, "The wafer has 2046
+    dies: 120 in the center, 806 in the middle ring and 1120 at the edge." (facts' zones), so
+    a zone answer's share has a die total to apply to, as the count answer has N."""
+    n = int(np.count_nonzero(np.asarray(m)))
+    if not zone_dies:
+        return f"The wafer has {n} dies."
+    zones = F.compute_facts(m)["zones"]
+    parts = [f"{zones[z]['dies']} {'at' if z == 'edge' else 'in'} {ZONE_TEXT[z]}"
+             for z in ("center", "middle", "edge")]
+    return f"The wafer has {n} dies: {parts[0]}, {parts[1]} and {parts[2]}."
 
 
-def map_context(m: np.ndarray, lot_context: dict | None) -> str:
-    """The context lines of the first user turn: the die count line, then the lot context
-    line when the map has lot metadata, joined by "\n"."""
+def map_context(m: np.ndarray, lot_context: dict | None, zone_dies: bool = False) -> str:
+    """The context lines of the first user turn: the die count line (with the dies per zone
+    if zone_dies), then the lot context line when the map has lot metadata, joined by "\n"."""
     lot = context_line(lot_context)
-    return die_count_line(m) + (f"\n{lot}" if lot else "")
+    return die_count_line(m, zone_dies) + (f"\n{lot}" if lot else "")
 
 
-def dataset_context_line(dataset, index: int) -> str:
-    """map_context of map `index` of a dataset (attributes maps, labels, label_space, meta)."""
+def dataset_context_line(dataset, index: int, zone_dies: bool = False) -> str:
+    """map_context of map `index` of a dataset (attributes maps, labels, label_space, meta);
+    zone_dies as the model was trained (config.stage2.zone_form == 'share_first')."""
     return map_context(dataset.maps[int(index)],
                        F.lot_context(int(index), dataset.labels, dataset.label_space,
-                                     getattr(dataset, "meta", None)))
+                                     getattr(dataset, "meta", None)), zone_dies)
 
 
 def first_user_turn(question: str, context: str | None = None) -> str:
@@ -181,7 +195,8 @@ def question_template(step: dict, heldout: bool) -> str:
 
 def render_dialogue(m: np.ndarray, label_space: str, label: int, lot_context: dict,
                     plan: list[dict], heldout: bool, kb: KnowledgeBase,
-                    count_form: str = "share_first") -> tuple[list[dict], list[dict]]:
+                    count_form: str = "share_first", zone_form: str = "count_first"
+                    ) -> tuple[list[dict], list[dict]]:
     """Messages and answer key for `plan` on map `m` (facts recomputed from `m`)."""
     facts = F.compute_facts(m)
     types = sorted(defect_set(label_space, label), key=WM811K_CLASSES.index)
@@ -192,11 +207,12 @@ def render_dialogue(m: np.ndarray, label_space: str, label: int, lot_context: di
             q = q.format(zone=ZONE_WORDS.get(step.get("zone"), ""),
                          pattern=step.get("pattern"))
         if t == 0:
-            q = first_user_turn(q, map_context(m, lot_context))
+            q = first_user_turn(q, map_context(m, lot_context,
+                                               zone_dies=zone_form == "share_first"))
         value = answer_value(step["kind"], step, m, types, facts, lot_context, kb)
         messages.append({"role": "user", "content": q})
-        messages.append({"role": "assistant", "content": render_answer(step["kind"], value, kb,
-                                                                      count_form)})
+        messages.append({"role": "assistant", "content": render_answer(
+            step["kind"], value, kb, count_form=count_form, zone_form=zone_form)})
         key.append({"turn": len(messages) - 1, "kind": step["kind"], "value": value})
     return messages, key
 
@@ -205,15 +221,20 @@ def build_dialogues(dataset, *, seed: int = 0, per_map: int = 1,
                     heldout: bool | float = False, kb: KnowledgeBase | None = None,
                     maps_name: str = "maps.npz", id_prefix: str = "",
                     indices: Sequence[int] | None = None,
-                    count_form: str = "share_first") -> list[dict]:
+                    count_form: str = "share_first", zone_form: str = "count_first"
+                    ) -> list[dict]:
     """Dialogues for every map of `dataset` (attributes maps, labels, label_space, meta).
     heldout: False (train phrasings/orders), True (held-out ones), or a float in (0, 1): that
     fraction of dialogues, chosen at random, is held out. Deterministic given `seed`.
-    Unlabeled maps (label -1) are skipped. count_form: one of answers.COUNT_FORMS (kept in
-    each item, so transform_item renders the same form)."""
+    Unlabeled maps (label -1) are skipped. count_form / zone_form: one of answers.COUNT_FORMS
+    / ZONE_FORMS (kept in each item, so transform_item renders the same forms; zone_form
+    'share_first' also lists the dies per zone in the die count line)."""
     if count_form not in COUNT_FORMS:
         raise ValueError(f"build_dialogues: count_form {count_form!r}; expected one of "
                          f"{COUNT_FORMS}")
+    if zone_form not in ZONE_FORMS:
+        raise ValueError(f"build_dialogues: zone_form {zone_form!r}; expected one of "
+                         f"{ZONE_FORMS}")
     kb = kb or load_knowledge_base()
     rng = np.random.default_rng(seed)
     meta = getattr(dataset, "meta", None)
@@ -230,7 +251,7 @@ def build_dialogues(dataset, *, seed: int = 0, per_map: int = 1,
             plan = sample_plan(rng, ho, sorted(defect_set(dataset.label_space, label)))
             try:
                 messages, key = render_dialogue(dataset.maps[i], dataset.label_space, label,
-                                                ctx, plan, ho, kb, count_form)
+                                                ctx, plan, ho, kb, count_form, zone_form)
             except ValueError as e:
                 raise ValueError(f"{getattr(dataset, 'source', '') or 'dataset'}: map {i}: {e}"
                                  ) from None
@@ -238,7 +259,8 @@ def build_dialogues(dataset, *, seed: int = 0, per_map: int = 1,
                           "image_index": int(i), "messages": messages, "class": label,
                           "class_name": names[label], "label_space": dataset.label_space,
                           "heldout": ho, "answer_key": key, "plan": plan,
-                          "lot_context": ctx, "count_form": count_form})
+                          "lot_context": ctx, "count_form": count_form,
+                          "zone_form": zone_form})
     return items
 
 
@@ -256,8 +278,9 @@ def transform_item(item: dict, m: np.ndarray, k_rot: int, flip: bool,
     tm = transform_map(m, k_rot, flip)
     messages, key = render_dialogue(tm, item["label_space"], item["class"],
                                     item["lot_context"], item["plan"], item["heldout"], kb,
-                                    item.get("count_form", "count_first"))   # items without
-                                    # the field were built before the share-first form
+                                    item.get("count_form", "count_first"),   # items without
+                                    # the fields were built before the share-first forms
+                                    item.get("zone_form", "count_first"))
     new = dict(item, messages=messages, answer_key=key, id=f"{item['id']}-r{int(k_rot) % 4}"
                f"{'f' if flip else ''}")
     return new, tm

@@ -26,6 +26,8 @@ A drawn share s gives the count round(s * N) and the stated share is that count'
 counts (8.4% of 2046 dies is 171 or 172 to 0.1%), as in the dialogues, far inside the 10%
 tolerance. With config.stage2.count_form='count_first' the answer does not repeat the share
 ("171 of the 2046 dies fail."); the drill then asks for the count of a stated share all the same.
+zone_form: the dialogues' zone form, which sets the context's die count line (with the dies per
+zone for 'share_first'), so a drill's first turn reads like a dialogue's.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import numpy as np
 
 from wamglm_jax.data.labels import class_names
 from wamglm_jax.qa import facts as F
-from wamglm_jax.qa.answers import COUNT_FORMS, render_answer, stated_share
+from wamglm_jax.qa.answers import COUNT_FORMS, ZONE_FORMS, render_answer, stated_share
 from wamglm_jax.qa.augment import check_probability
 from wamglm_jax.qa.dialogues import first_user_turn, map_context
 
@@ -61,13 +63,17 @@ def check_drill_config(prob, turns) -> None:
 
 def build_count_drills(dataset, *, prob: float, turns: int, seed: int,
                        indices: Sequence[int] | None = None, count_form: str = "share_first",
-                       maps_name: str = "maps.npz", id_prefix: str = "drill-") -> list[dict]:
+                       zone_form: str = "count_first", maps_name: str = "maps.npz",
+                       id_prefix: str = "drill-") -> list[dict]:
     """One drill of `turns` exchanges for each labelled map of `dataset` (or of `indices`)
     chosen with probability `prob`, maps without dies skipped. Deterministic given `seed`."""
     check_drill_config(prob, turns)
     if count_form not in COUNT_FORMS:
         raise ValueError(f"build_count_drills: count_form {count_form!r}; expected one of "
                          f"{COUNT_FORMS}")
+    if zone_form not in ZONE_FORMS:
+        raise ValueError(f"build_count_drills: zone_form {zone_form!r}; expected one of "
+                         f"{ZONE_FORMS}")
     rng = np.random.default_rng([int(seed), 0xD8111])
     pool = range(len(dataset.maps)) if indices is None else indices
     chosen = [int(i) for i in pool if int(dataset.labels[i]) >= 0 and rng.random() < prob]
@@ -89,7 +95,8 @@ def build_count_drills(dataset, *, prob: float, turns: int, seed: int,
             q_id = int(rng.integers(len(bank)))
             q = bank[q_id].format(pct=stated_share(f, total))
             if t == 0:
-                q = first_user_turn(q, map_context(dataset.maps[i], ctx))
+                q = first_user_turn(q, map_context(dataset.maps[i], ctx,
+                                                   zone_dies=zone_form == "share_first"))
             value = {"failing": f, "total": total}
             messages += [{"role": "user", "content": q},
                          {"role": "assistant",
@@ -100,5 +107,5 @@ def build_count_drills(dataset, *, prob: float, turns: int, seed: int,
                       "image_index": i, "messages": messages, "class": label,
                       "class_name": names[label], "label_space": dataset.label_space,
                       "heldout": False, "answer_key": key, "plan": plan, "lot_context": ctx,
-                      "count_form": count_form, "drill": True})
+                      "count_form": count_form, "zone_form": zone_form, "drill": True})
     return items

@@ -54,7 +54,7 @@ from wamglm_jax.models import lora as lora_lib
 from wamglm_jax.models.wamglm import WamGLM, check_image_tokens, num_image_tokens
 from wamglm_jax.parallel import sharding as shd
 from wamglm_jax.qa import encode as qenc
-from wamglm_jax.qa.answers import COUNT_FORMS
+from wamglm_jax.qa.answers import COUNT_FORMS, ZONE_FORMS
 from wamglm_jax.qa.augment import check_probability, frame_questions, noise_questions
 from wamglm_jax.qa.dialogues import build_dialogues
 from wamglm_jax.qa.drills import build_count_drills, check_drill_config
@@ -79,6 +79,11 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
         count_form="share_first",   # count answers: 'share_first' ("8.4% of the 2046 dies
                                     # fail, which is 171 dies.") or 'count_first' ("171 of
                                     # the 2046 dies fail."); README "Share first"
+        zone_form="count_first",    # zone answers: 'count_first' ("At the edge, 304 of 1126
+                                    # dies fail (27.0%).") or 'share_first' ("At the edge,
+                                    # 27.0% of the 1126 dies fail, which is 304 dies.", the
+                                    # dies per zone then in the die count line); README
+                                    # "Zone counts, share first"
         max_per_class=0,            # > 0: at most this many training maps per class (seeded)
         class_scaling="flat",       # with max_per_class: 'flat' (every class capped at it) or
                                     # 'sqrt' (the largest class gets max_per_class maps, class c
@@ -299,6 +304,9 @@ def run(config, workdir, mesh=None) -> dict:
     if s2.count_form not in COUNT_FORMS:          # before anything is created or written
         raise ValueError(f"config.stage2.count_form={s2.count_form!r}: expected one of "
                          f"{COUNT_FORMS}")
+    if s2.zone_form not in ZONE_FORMS:
+        raise ValueError(f"config.stage2.zone_form={s2.zone_form!r}: expected one of "
+                         f"{ZONE_FORMS}")
     for group, name in (("question_frames", "prob"), ("question_noise", "dialogue_prob"),
                         ("question_noise", "word_prob"), ("question_noise", "pseudo_share")):
         check_probability(f"config.stage2.{group}.{name}", s2[group][name])
@@ -328,13 +336,15 @@ def run(config, workdir, mesh=None) -> dict:
                                    str(s2.class_scaling))
     items = {"train": build_dialogues(splits["train"], seed=seed, per_map=int(s2.per_map),
                                       heldout=False, kb=kb, id_prefix="train-",
-                                      count_form=str(s2.count_form), indices=train_indices)}
+                                      count_form=str(s2.count_form),
+                                      zone_form=str(s2.zone_form), indices=train_indices)}
     for k, name in enumerate(("val", "test")):
         if splits.get(name) is not None:
             items[name] = build_dialogues(splits[name], seed=seed + 17 + k, per_map=1,
                                           heldout=float(s2.eval_heldout_fraction), kb=kb,
                                           id_prefix=f"{name}-",
-                                          count_form=str(s2.count_form))
+                                          count_form=str(s2.count_form),
+                                          zone_form=str(s2.zone_form))
     items["train"], n_framed = frame_questions(items["train"], seed=seed,
                                                prob=float(s2.question_frames.prob))
     if n_framed:
@@ -342,7 +352,8 @@ def run(config, workdir, mesh=None) -> dict:
                      float(s2.question_frames.prob))
     drills = build_count_drills(splits["train"], prob=float(s2.count_drills.prob),
                                 turns=s2.count_drills.turns, seed=seed, indices=train_indices,
-                                count_form=str(s2.count_form), id_prefix="train-drill-")
+                                count_form=str(s2.count_form), zone_form=str(s2.zone_form),
+                                id_prefix="train-drill-")
     if drills:
         logging.info("stage2: %d count drills of %d exchanges (prob %.2f)", len(drills),
                      int(s2.count_drills.turns), float(s2.count_drills.prob))
