@@ -83,7 +83,7 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
                                     # dies fail (27.0%).") or 'share_first' ("At the edge,
                                     # 27.0% of the 1126 dies fail, which is 304 dies.", the
                                     # dies per zone then in the die count line); README
-                                    # "Zone counts, share first"
+                                    # "Design notes" (zone counts)
         max_per_class=0,            # > 0: at most this many training maps per class (seeded)
         class_scaling="flat",       # with max_per_class: 'flat' (every class capped at it) or
                                     # 'sqrt' (the largest class gets max_per_class maps, class c
