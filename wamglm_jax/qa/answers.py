@@ -48,7 +48,7 @@ CANNOT_TELL = "I cannot tell from this map"
 COUNT_FORMS = ("share_first", "count_first")
 # Zone answer forms: "At the edge, 304 of 1126 dies fail (27.0%)." (count_first) or "At the
 # edge, 27.0% of the 1126 dies fail, which is 304 dies." (share_first: the context's die count
-# line then lists the dies per zone, qa.dialogues.die_count_line; README "Zone counts").
+# line then lists the dies per zone, qa.dialogues.die_count_line; README "Design notes").
 ZONE_FORMS = ("count_first", "share_first")
 # Every defect-type answer opens with these words, `none` maps included, so the first tokens
 # of an answer say which question was read and not what the map shows: a held-out wording read
