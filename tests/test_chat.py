@@ -28,6 +28,27 @@ def test_chat_script_answers_each_question(tiny_stage2_run, tmp_path):
     answers = [ln for ln in out.stdout.splitlines() if ln.startswith("A: ")]
     assert len(answers) == 2, out.stdout
     assert "XX" in out.stdout            # the map was printed (failing block)
+    assert "Context: The wafer has 140 dies.\n" in out.stdout       # 144 cells - 4 corners
+    # a run trained with zone_form='share_first' is asked with the dies per zone
+    import json
+    import shutil
+    from wamglm_jax.qa.facts import compute_facts
+    zoned_run = tmp_path / "zoned_run"
+    shutil.copytree(tiny_stage2_run, zoned_run)
+    cfg_path = zoned_run / "stage2" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["stage2"]["zone_form"] == "count_first"     # written with the defaults filled in
+    cfg["stage2"]["zone_form"] = "share_first"
+    cfg_path.write_text(json.dumps(cfg))
+    zoned = subprocess.run(
+        [sys.executable, "-m", "tools.chat", f"--workdir={zoned_run}", f"--map={path}",
+         "--question=How many dies fail at the edge?", "--max_new_tokens=4"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=300)
+    assert zoned.returncode == 0, zoned.stderr[-3000:]
+    z = compute_facts(m)["zones"]
+    assert (f"Context: The wafer has 140 dies: {z['center']['dies']} in the center, "
+            f"{z['middle']['dies']} in the middle ring and {z['edge']['dies']} at the edge.\n"
+            ) in zoned.stdout, zoned.stdout
     bad = subprocess.run([sys.executable, "-m", "tools.chat", f"--workdir={tiny_stage2_run}",
                           f"--map={tmp_path / 'missing.npy'}", "--question=hi"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)

@@ -429,6 +429,7 @@ def test_numeric_loss_weight_and_zone_form_reach_the_run(tmp_path, monkeypatch):
     config.stage2.numeric_loss_weight = 3.0
     config.stage2.zone_form = "share_first"
     config.stage2.init_vision_from_stage1 = False
+    del config.stage2["count_drills"]           # a config that leaves a section to the defaults
     with pytest.raises(Stop):
         stage2.run(config, str(tmp_path / "run"))
     tok, w = seen["tok"], seen["weights"]
@@ -442,6 +443,9 @@ def test_numeric_loss_weight_and_zone_form_reach_the_run(tmp_path, monkeypatch):
     written = [json.loads(line) for name in ("train", "val") for line in
                (tmp_path / "run" / "stage2" / "vmqa" / f"{name}.jsonl").read_text().splitlines()]
     assert seen["items"] and written
+    saved = json.loads((tmp_path / "run" / "stage2" / "config.json").read_text())["stage2"]
+    assert saved["zone_form"] == "share_first" and saved["numeric_loss_weight"] == 3.0
+    assert saved["count_drills"] == {"prob": 0.0, "turns": 4}       # the defaults, filled in
     for it in seen["items"] + written:
         assert it["zone_form"] == "share_first"
         assert " in the middle ring and " in it["messages"][0]["content"].split("\n")[1]
@@ -472,7 +476,7 @@ def test_weighted_train_step_reports_plain_ce_beside_the_objective():
     with shd.activate(mesh, rules):
         _, m_plain = jax.jit(plain_step)(state, batch)
         _, m_weighted = jax.jit(weighted_step)(state, batch)
-    assert "ce" not in m_plain
+    np.testing.assert_allclose(float(m_plain["ce"]), float(m_plain["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(m_weighted["ce"]), float(m_plain["loss"]), rtol=1e-5)
     assert abs(float(m_weighted["loss"]) - float(m_weighted["ce"])) > 1e-3
     assert float(m_weighted["token_accuracy"]) == float(m_plain["token_accuracy"])

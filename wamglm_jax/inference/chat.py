@@ -6,8 +6,9 @@
 
 The image is given once: `<image>` is put in front of the first user question (the template
 expands it into the N image tokens), followed by the context lines when given
-(`context=qa.dialogues.dataset_context_line(dataset, i)`: the die count line, plus the lot
-line for a dataset map with lot metadata; rendered by qa.dialogues.first_user_turn exactly as
+(`context=qa.dialogues.dataset_context_line(dataset, i, zone_dies)`: the die count line,
+with the dies per zone when the run's zone_form is 'share_first' (zone_dies; read it with
+inference.load.answer_forms(workdir)), plus the lot line for a dataset map with lot metadata; rendered by qa.dialogues.first_user_turn exactly as
 in the training dialogues: a model trained with them expects them). Every turn
 re-renders the whole dialogue with the chat template (`qa.encode.encode_prompt`) and generates
 with the KV cache.

@@ -54,10 +54,13 @@ def load_for_inference(workdir, step: int | None = None):
 
 
 def answer_forms(workdir) -> dict:
-    """{"count_form", "zone_form"} of the stage-2 run in `workdir` (its stage2/config.json);
-    a run written before a field existed gets the form it was trained with then (zone_form
-    'count_first'). zone_form 'share_first' means the model expects the dies per zone in the
-    die count line: qa.dialogues.dataset_context_line(..., zone_dies=True)."""
+    """{"count_form", "zone_form"} of the stage-2 run in `workdir` (its stage2/config.json,
+    which has every stage-2 field filled in since zone_form exists). An older file without a
+    field gets the default of the time: zone_form 'count_first' (the only form before), and
+    count_form 'share_first' (the default since count_form exists; runs from before it were
+    'count_first', and their file cannot tell the two apart). zone_form 'share_first' means
+    the model expects the dies per zone in the die count line:
+    qa.dialogues.dataset_context_line(..., zone_dies=True)."""
     from wamglm_jax.qa.answers import COUNT_FORMS, ZONE_FORMS
 
     path = epath.Path(workdir).absolute() / STAGE2_DIR / "config.json"

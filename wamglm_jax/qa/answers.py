@@ -46,8 +46,8 @@ CANNOT_TELL = "I cannot tell from this map"
 # Count answer forms: "8.4% of the 2046 dies fail, which is 171 dies." (share_first) or
 # "171 of the 2046 dies fail." (count_first); see _count_sentence and README "Share first".
 COUNT_FORMS = ("share_first", "count_first")
-# Zone answer forms: "At the edge, 304 of 1126 dies fail (27.0%)." (count_first) or "At the
-# edge, 27.0% of the 1126 dies fail, which is 304 dies." (share_first: the context's die count
+# Zone answer forms: "At the edge, 302 of 1120 dies fail (27.0%)." (count_first) or "At the
+# edge, 27.0% of the 1120 dies fail, which is 302 dies." (share_first: the context's die count
 # line then lists the dies per zone, qa.dialogues.die_count_line; README "Design notes").
 ZONE_FORMS = ("count_first", "share_first")
 # Every defect-type answer opens with these words, `none` maps included, so the first tokens

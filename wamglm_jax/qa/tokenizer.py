@@ -168,8 +168,9 @@ def vocab_report(tok) -> dict:
 def numeric_token_mask(tok, vocab_size: int):
     """bool[vocab_size]: True for the token ids whose text contains a digit (our tokenizer
     spells every digit as its own token; for a pretrained one, any token with a digit in it).
-    Special tokens and the padding ids past len(tok) are False. Stage 2 weights these targets
-    by config.stage2.numeric_loss_weight (README "Numeric loss weight")."""
+    Special tokens and the padding ids past len(tok) are False; digits are 0-9 (not other
+    Unicode digits such as superscripts). Stage 2 weights these targets by
+    config.stage2.numeric_loss_weight (README "Numeric loss weight")."""
     import numpy as np
 
     if len(tok) > vocab_size:
@@ -177,7 +178,8 @@ def numeric_token_mask(tok, vocab_size: int):
                          f"the model's vocab_size={vocab_size}")
     out = np.zeros(vocab_size, bool)
     special = set(tok.all_special_ids)
-    for i in range(len(tok)):
-        if i not in special and any(c.isdigit() for c in tok.decode([i])):
+    texts = tok.batch_decode([[i] for i in range(len(tok))])
+    for i, text in enumerate(texts):
+        if i not in special and any("0" <= c <= "9" for c in text):
             out[i] = True
     return out

@@ -24,7 +24,8 @@ Steps:
    matching lora.lm_regex / lora.vision_regex; they are applied inside the jitted forward
    (models.lora.apply_lora) and checkpoints keep them unmerged; by default only adapters and
    the projector train then. Loss: token cross-entropy on assistant tokens only (targets
-   spelt with a digit weighted by config.stage2.numeric_loss_weight; 1 = the plain mean).
+   spelt with a digit weighted by config.stage2.numeric_loss_weight, in the alignment phase
+   too; 1 = the plain mean; the metric `ce` is always the plain mean, comparable across runs).
 4. train.loop.train_loop (checkpointing, resume, metrics, NaN guard, SIGTERM) in workdir/stage2.
 5. Evaluation on config.stage2.eval.split (evaluate.qa: teacher-forced history, per kind,
    whole dialogue, held-out phrasings separately) and the stage-1 + KB template baseline
@@ -79,9 +80,9 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
         count_form="share_first",   # count answers: 'share_first' ("8.4% of the 2046 dies
                                     # fail, which is 171 dies.") or 'count_first' ("171 of
                                     # the 2046 dies fail."); README "Share first"
-        zone_form="count_first",    # zone answers: 'count_first' ("At the edge, 304 of 1126
+        zone_form="count_first",    # zone answers: 'count_first' ("At the edge, 302 of 1120
                                     # dies fail (27.0%).") or 'share_first' ("At the edge,
-                                    # 27.0% of the 1126 dies fail, which is 304 dies.", the
+                                    # 27.0% of the 1120 dies fail, which is 302 dies.", the
                                     # dies per zone then in the die count line); README
                                     # "Design notes" (zone counts)
         max_per_class=0,            # > 0: at most this many training maps per class (seeded)
@@ -93,9 +94,10 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
                                                  # (README "Made-up words in the noise")
         question_frames=dict(prob=0.0),   # > 0: neutral frames around training questions
                                           # (qa/augment.py); off: README "Neutral frames"
-        numeric_loss_weight=1.0,    # > 1: the loss weight of assistant tokens with a digit
-                                    # (counts, shares, yields; qa.tokenizer.numeric_token_weights,
-                                    # README "Numeric loss weight")
+        numeric_loss_weight=1.0,    # > 1: the loss weight of assistant targets spelt with a
+                                    # digit (counts, shares, yields; qa.tokenizer.
+                                    # numeric_token_mask), in the alignment phase too; README
+                                    # "Numeric loss weight"
         count_drills=dict(prob=0.0, turns=4),   # > 0: that share of the training maps also
                                           # gets a count drill of `turns` exchanges (qa/drills.py);
                                           # off: README "Count drills" (no gain in one run)
@@ -256,8 +258,6 @@ def make_train_step(model, alpha, token_weights=None):
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         state = state.apply_gradients(grads)
-        if token_weights is None:
-            metrics.pop("ce")                   # equal to loss
         return state, dict(metrics, grad_norm=optax.global_norm(grads))
     return train_step
 
@@ -377,9 +377,10 @@ def run(config, workdir, mesh=None) -> dict:
         (stage_dir / "vmqa").mkdir(exist_ok=True)
         for name, its in items.items():
             write_jsonl(its, os.fspath(stage_dir / "vmqa" / f"{name}.jsonl"))
-        (stage_dir / "config.json").write_text(
-            ml_collections.ConfigDict(config.to_dict()).to_json_best_effort(indent=2,
-                                                                            sort_keys=True))
+        written = ml_collections.ConfigDict(config.to_dict())
+        written.stage2 = ml_collections.ConfigDict(s2.to_dict())   # with the defaults filled
+        (stage_dir / "config.json").write_text(       # in: what the run used (answer_forms)
+            written.to_json_best_effort(indent=2, sort_keys=True))
         (stage_dir / "model_config.json").write_text(json.dumps(
             dict(model=model_cfg.to_dict(),
                  # relative to the workdir when it lies inside (the run dir can move)
