@@ -96,8 +96,8 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
                                           # (qa/augment.py); off: README "Neutral frames"
         numeric_loss_weight=1.0,    # > 1: the loss weight of assistant targets spelt with a
                                     # digit (counts, shares, yields; qa.tokenizer.
-                                    # numeric_token_mask), in the alignment phase too; README
-                                    # "Numeric loss weight"
+                                    # numeric_token_mask), in the alignment phase too; off:
+                                    # README "Numeric loss weight" (4 gave no gain, one run)
         count_drills=dict(prob=0.0, turns=4),   # > 0: that share of the training maps also
                                           # gets a count drill of `turns` exchanges (qa/drills.py);
                                           # off: README "Count drills" (no gain in one run)
