@@ -50,6 +50,14 @@ COUNT_FORMS = ("share_first", "count_first")
 # edge, 27.0% of the 1120 dies fail, which is 302 dies." (share_first: the context's die count
 # line then lists the dies per zone, qa.dialogues.die_count_line; README "Design notes").
 ZONE_FORMS = ("count_first", "share_first")
+
+
+def check_forms(where: str, count_form: str, zone_form: str) -> None:
+    """ValueError naming `where` and the field unless both forms are known ones."""
+    for name, value, allowed in (("count_form", count_form, COUNT_FORMS),
+                                 ("zone_form", zone_form, ZONE_FORMS)):
+        if value not in allowed:
+            raise ValueError(f"{where}: {name} {value!r}; expected one of {allowed}")
 # Every defect-type answer opens with these words, `none` maps included, so the first tokens
 # of an answer say which question was read and not what the map shows: a held-out wording read
 # in a later turn was misread mostly on `none` maps when their answer opened differently

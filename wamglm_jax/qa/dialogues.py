@@ -43,7 +43,7 @@ import numpy as np
 
 from wamglm_jax.data.labels import WM811K_CLASSES, class_names, defect_set
 from wamglm_jax.qa import facts as F
-from wamglm_jax.qa.answers import COUNT_FORMS, PATTERNS, ZONE_FORMS, ZONE_TEXT, render_answer
+from wamglm_jax.qa.answers import PATTERNS, ZONE_TEXT, check_forms, render_answer
 from wamglm_jax.qa.knowledge_base import KnowledgeBase, load_knowledge_base
 from wamglm_jax.qa.phrasings import HELDOUT, TRAIN, ZONE_WORDS
 
@@ -229,12 +229,7 @@ def build_dialogues(dataset, *, seed: int = 0, per_map: int = 1,
     Unlabeled maps (label -1) are skipped. count_form / zone_form: one of answers.COUNT_FORMS
     / ZONE_FORMS (kept in each item, so transform_item renders the same forms; zone_form
     'share_first' also lists the dies per zone in the die count line)."""
-    if count_form not in COUNT_FORMS:
-        raise ValueError(f"build_dialogues: count_form {count_form!r}; expected one of "
-                         f"{COUNT_FORMS}")
-    if zone_form not in ZONE_FORMS:
-        raise ValueError(f"build_dialogues: zone_form {zone_form!r}; expected one of "
-                         f"{ZONE_FORMS}")
+    check_forms("build_dialogues", count_form, zone_form)
     kb = kb or load_knowledge_base()
     rng = np.random.default_rng(seed)
     meta = getattr(dataset, "meta", None)

@@ -37,7 +37,7 @@ import numpy as np
 
 from wamglm_jax.data.labels import class_names
 from wamglm_jax.qa import facts as F
-from wamglm_jax.qa.answers import COUNT_FORMS, ZONE_FORMS, render_answer, stated_share
+from wamglm_jax.qa.answers import check_forms, render_answer, stated_share
 from wamglm_jax.qa.augment import check_probability
 from wamglm_jax.qa.dialogues import first_user_turn, map_context
 
@@ -68,12 +68,7 @@ def build_count_drills(dataset, *, prob: float, turns: int, seed: int,
     """One drill of `turns` exchanges for each labelled map of `dataset` (or of `indices`)
     chosen with probability `prob`, maps without dies skipped. Deterministic given `seed`."""
     check_drill_config(prob, turns)
-    if count_form not in COUNT_FORMS:
-        raise ValueError(f"build_count_drills: count_form {count_form!r}; expected one of "
-                         f"{COUNT_FORMS}")
-    if zone_form not in ZONE_FORMS:
-        raise ValueError(f"build_count_drills: zone_form {zone_form!r}; expected one of "
-                         f"{ZONE_FORMS}")
+    check_forms("build_count_drills", count_form, zone_form)
     rng = np.random.default_rng([int(seed), 0xD8111])
     pool = range(len(dataset.maps)) if indices is None else indices
     chosen = [int(i) for i in pool if int(dataset.labels[i]) >= 0 and rng.random() < prob]
