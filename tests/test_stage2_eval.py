@@ -85,7 +85,7 @@ def test_baseline_with_true_labels_is_perfect_and_wrong_labels_are_not(data):
 
 
 def test_lm_loss_matches_numpy():
-    from wamglm_jax.train.stage2 import lm_loss
+    from wamglm_jax.losses.lm import lm_loss
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
     tokens = rng.integers(0, 7, size=(2, 5)).astype(np.int32)

@@ -32,84 +32,18 @@ import optax
 
 from tools.profile_step import load_config
 from wamglm_jax.data.generator import generate
-from wamglm_jax.evaluate.qa import score
+from wamglm_jax.losses.lm import lm_loss
 from wamglm_jax.models.decoder import Decoder
-from wamglm_jax.qa.answers import render_answer
-from wamglm_jax.qa.facts import compute_facts
 from wamglm_jax.qa.tokenizer import train_tokenizer
+from wamglm_jax.train.lm_warmup import (SentenceBatches, encode_sentences, make_greedy,
+                                        product_pairs, score_counts, split_sentence)
 from wamglm_jax.train.optim import make_optimizer
 
-SPLIT = " which is"     # the prompt ends here; the model writes " F dies."
 
-
-def count_pairs(num: int, seed: int) -> list[tuple[int, int]]:
-    """(failing, total) of `num` generated WM-811K-like maps (balanced classes)."""
+def count_pairs(num: int, seed: int) -> np.ndarray:
+    """int[num,2] (failing, total) of `num` generated WM-811K-like maps (balanced classes)."""
     data = generate(num, seed=seed, lot_prefix=f"probe{seed}-lot")
-    facts = [compute_facts(m) for m in data.maps]
-    return [(f["failing"], f["total"]) for f in facts]
-
-
-def split_sentence(failing: int, total: int) -> tuple[str, str]:
-    """The share-first count answer split into (prompt, target) after `SPLIT`."""
-    text = render_answer("count", {"failing": failing, "total": total},
-                         count_form="share_first")
-    head, sep, tail = text.partition(SPLIT)
-    if not sep:
-        raise ValueError(f"count answer {text!r} lacks {SPLIT!r}: the share-first form changed")
-    return head + sep, tail
-
-
-def encode(tok, pairs, max_len: int):
-    """-> tokens int32[M,L], loss weights float32[M,L] (1 where the next token is the target's),
-    prompt lengths int32[M]."""
-    toks = np.zeros((len(pairs), max_len), np.int32)
-    weights = np.zeros((len(pairs), max_len), np.float32)
-    plen = np.zeros(len(pairs), np.int32)
-    for i, (f, n) in enumerate(pairs):
-        prompt, target = split_sentence(f, n)
-        p_ids = [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
-        ids = [tok.bos_token_id] + tok.encode(prompt + target, add_special_tokens=False) + \
-            [tok.eos_token_id]
-        if ids[:len(p_ids)] != p_ids:
-            raise ValueError(f"tokenizer splits {prompt + target!r} across the prompt boundary")
-        if len(ids) > max_len:
-            raise ValueError(f"{len(ids)} tokens > max_len={max_len}")
-        toks[i, :len(ids)] = ids
-        weights[i, len(p_ids) - 1:len(ids) - 1] = 1.0
-        plen[i] = len(p_ids)
-    return toks, weights, plen
-
-
-def make_greedy(model, new_tokens: int):
-    @jax.jit
-    def greedy(params, toks, plen):
-        """Writes `new_tokens` argmax tokens after each row's prompt (full forward per token)."""
-        rows = jnp.arange(toks.shape[0])
-        toks = jnp.where(jnp.arange(toks.shape[1])[None] < plen[:, None], toks, 0)
-
-        def body(k, toks):
-            logits = model.apply({"params": params}, toks,
-                                 attention_mask=(jnp.arange(toks.shape[1])[None]
-                                                 < (plen + k)[:, None]).astype(jnp.int32))
-            nxt = logits[rows, plen + k - 1].argmax(-1).astype(jnp.int32)
-            return toks.at[rows, plen + k].set(nxt)
-        return jax.lax.fori_loop(0, new_tokens, body, toks)
-    return greedy
-
-
-def evaluate(greedy, params, tok, toks, plen, pairs, new_tokens: int) -> dict:
-    """The first word of each greedy continuation read as the count and scored with the QA
-    tolerance (`score`). Stricter than the QA parser, whose fallback would read the share's
-    first digit from a continuation without a number."""
-    out = np.asarray(greedy(params, jnp.asarray(toks), jnp.asarray(plen)))
-    within = exact = 0
-    for row, p, (failing, _) in zip(out, plen, pairs):
-        text = tok.decode(row[p:p + new_tokens], skip_special_tokens=True)
-        words = text.split()
-        guess = int(words[0]) if words and words[0].isdigit() else None
-        within += score("count", {"failing": guess}, {"failing": failing})
-        exact += guess == failing
-    return {"within_tol": within / len(pairs), "exact": exact / len(pairs)}
+    return product_pairs(data.maps, zones=False)
 
 
 def main(argv=None) -> dict:
@@ -144,9 +78,10 @@ def main(argv=None) -> dict:
                            (split_sentence(f, n) for f, n in train_pairs)],
                           vocab_size=config.stage2.vocab_size)
     max_len = 32
-    train_toks, train_w, _ = encode(tok, train_pairs, max_len)
-    eval_toks, _, eval_plen = encode(tok, eval_pairs, max_len)
-    new_tokens = 7          # up to five digits, " dies" and "."
+    train_toks, train_mask, _, train_len = encode_sentences(tok, train_pairs, max_len)
+    eval_toks, _, eval_plen, _ = encode_sentences(tok, eval_pairs, max_len)
+    batches = SentenceBatches(train_toks, train_mask, train_len, global_batch_size=args.batch_size,
+                              seed=args.seed)
 
     # ------------------------------------------------------------------ model
     model_cfg = config.model.copy_and_resolve_references()
@@ -158,31 +93,29 @@ def main(argv=None) -> dict:
     opt_state = tx.init(params)
 
     @jax.jit
-    def train_step(params, opt_state, toks, weights):
-        """toks int32[B,L], weights float32[B,L] -> loss on the count tokens only."""
+    def train_step(params, opt_state, toks, mask, attn):
+        """toks/mask/attn int32[B,L] -> the loss on the count tokens only (lm_loss)."""
         def loss_fn(p):
-            logits = model.apply({"params": p}, toks, attention_mask=(toks > 0).astype(jnp.int32))
-            nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], toks[:, 1:])
-            return (nll * weights[:, :-1]).sum() / weights[:, :-1].sum()
+            logits = model.apply({"params": p}, toks, attention_mask=attn)
+            return lm_loss(logits, toks, mask)["loss"]
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    greedy = make_greedy(model, new_tokens)
+    greedy = make_greedy(model_cfg)
 
     # ------------------------------------------------------------------ train and score
-    rng = np.random.default_rng(args.seed)
     rows, start = [], time.time()
     print("| step | count answers seen | train loss | count within tolerance | exact | wall s |\n"
           "|---|---|---|---|---|---|")
     for step in range(1, args.steps + 1):
-        idx = rng.integers(0, len(train_pairs), args.batch_size)
-        params, opt_state, loss = train_step(params, opt_state, jnp.asarray(train_toks[idx]),
-                                             jnp.asarray(train_w[idx]))
+        b = next(batches)
+        params, opt_state, loss = train_step(params, opt_state, b["tokens"], b["loss_mask"],
+                                             b["attention_mask"])
         if step % args.eval_every == 0 or step == args.steps:
             row = {"step": step, "seen": step * args.batch_size, "loss": float(loss),
-                   **evaluate(greedy, params, tok, eval_toks, eval_plen, eval_pairs,
-                              new_tokens),
+                   **score_counts(greedy(params, eval_toks, eval_plen), tok, eval_plen,
+                                  eval_pairs),
                    "wall_s": round(time.time() - start, 1)}
             rows.append(row)
             print(f"| {step} | {row['seen']} | {row['loss']:.3f} | {row['within_tol']:.1%} | "

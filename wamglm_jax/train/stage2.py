@@ -51,6 +51,7 @@ from etils import epath
 from wamglm_jax.data.splits import load_splits
 from wamglm_jax.evaluate.stage2_report import evaluate_and_report
 from wamglm_jax.inference.load import STAGE2_DIR
+from wamglm_jax.losses.lm import lm_loss
 from wamglm_jax.models import lora as lora_lib
 from wamglm_jax.models.wamglm import WamGLM, check_image_tokens, num_image_tokens
 from wamglm_jax.parallel import sharding as shd
@@ -62,7 +63,7 @@ from wamglm_jax.qa.drills import build_count_drills, check_drill_config
 from wamglm_jax.qa.io import write_jsonl
 from wamglm_jax.qa.knowledge_base import load_knowledge_base
 from wamglm_jax.qa.tokenizer import image_token_id, numeric_token_mask
-from wamglm_jax.train import loop, optim
+from wamglm_jax.train import lm_warmup, loop, optim
 from wamglm_jax.train.checkpoint import saved_tree
 from wamglm_jax.train.stage2_data import (DialogueBatches, capped_indices, describe_items,
                                           get_tokenizer)
@@ -70,6 +71,7 @@ from wamglm_jax.train.state import TrainState
 
 STAGE = STAGE2_DIR
 ALIGN = "stage2_align"
+WARMUP = "stage2_lm_warmup"
 
 
 def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
@@ -112,6 +114,11 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
         lora=dict(rank=0, alpha=16.0,
                   lm_regex=r"^lm/.*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
                   vision_regex=""),
+        lm_warmup=dict(num_steps=0, batch_size=32, learning_rate=1e-3, zones=True, max_len=32,
+                       num_eval=500, log_every=100),
+                                    # > 0: the LM alone first learns the share-first product
+                                    # on the training maps' numbers (train/lm_warmup.py,
+                                    # workdir/stage2_lm_warmup); README "LM warm-up"
         align=dict(num_steps=0, learning_rate=1e-3, log_every=20),
         eval=dict(split="val", num_maps=200, max_new_tokens=96, batch_size=16, num_examples=3,
                   baseline=True),
@@ -223,28 +230,6 @@ def restore_stage1_vision(state_dir: str, target_vision):
     return out["params"]["vision"]
 
 
-def lm_loss(logits, tokens, loss_mask, token_weights=None):
-    """Token cross-entropy of positions t-1 -> tokens[t] where loss_mask[t] == 1.
-
-    token_weights float[V] (optional): each target's CE is multiplied by the weight of its
-    token id and the sum divided by the sum of those weights (a weighted mean; all ones = the
-    plain mean). Returns dict(loss: the weighted mean, the training objective; ce: the plain
-    mean; token_accuracy: argmax hits among the targets; loss_tokens: their number)."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)    # float[B,T-1,V]
-    tgt = tokens[:, 1:]                                                         # int[B,T-1]
-    w = loss_mask[:, 1:].astype(jnp.float32)                                    # float[B,T-1]
-    nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
-    n = jnp.maximum(w.sum(), 1.0)
-    ce = (nll * w).sum() / n
-    if token_weights is None:
-        loss = ce
-    else:
-        tw = w * jnp.asarray(token_weights, jnp.float32)[tgt]
-        loss = (nll * tw).sum() / jnp.maximum(tw.sum(), 1e-6)
-    acc = ((jnp.argmax(logp, -1) == tgt) * w).sum() / n
-    return dict(loss=loss, ce=ce, token_accuracy=acc, loss_tokens=w.sum())
-
-
 def make_train_step(model, alpha, token_weights=None):
     """token_weights float[V] or None: see lm_loss (config.stage2.numeric_loss_weight)."""
     def train_step(state: TrainState, batch):
@@ -297,6 +282,50 @@ def _opt_cfg(s2, lora_on: bool, **overrides):
     return cfg
 
 
+def warm_up_lm(s2, params, model_cfg, tok, splits, train_indices, *, workdir, mesh, rules,
+               seed):
+    """config.stage2.lm_warmup (train/lm_warmup.py): params['lm'] trained alone on the share-
+    first product sentences of the training maps, in workdir/stage2_lm_warmup (train.loop:
+    checkpointed, resumed, logged), then its greedy count scored on up to num_eval maps of
+    `val` (else `test`). -> (lm params, info for the report)."""
+    w = s2.lm_warmup
+    pairs = lm_warmup.product_pairs(splits["train"].maps, train_indices, zones=bool(w.zones))
+    toks, mask, _, lens = lm_warmup.encode_sentences(tok, pairs, int(w.max_len),
+                                                     int(tok.pad_token_id))
+    shd.check_batch(int(w.batch_size), mesh, "config.stage2.lm_warmup.batch_size")
+    w_cfg = _opt_cfg(s2, False, trainable=("^lm/",), freeze=(),
+                     learning_rate=float(w.learning_rate))
+    state, schedule = make_state(params, w_cfg, int(w.num_steps), mesh, rules, seed + 7)
+    logging.info("stage2: LM warm-up on %d product sentences of %d training maps (zones %s), "
+                 "%d steps of %d", len(pairs), len(splits["train"].maps) if train_indices is None
+                 else len(train_indices), bool(w.zones), int(w.num_steps), int(w.batch_size))
+    batches = lm_warmup.SentenceBatches(toks, mask, lens, global_batch_size=int(w.batch_size),
+                                        seed=seed + 11, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+    res = loop.train_loop(stage_dir=workdir / WARMUP, state=state, train_iter=batches,
+                          cfg=loop.default_loop_config(num_steps=int(w.num_steps),
+                                                       log_every=int(w.log_every),
+                                                       checkpoint_every=0, eval_every=0),
+                          train_step=lm_warmup.make_warmup_step(model_cfg), mesh=mesh,
+                          rules=rules, learning_rate=schedule, name="stage2-lm-warmup")
+    info = dict(steps=res.step, final_train_loss=res.final_train_loss, sentences=len(pairs),
+                zones=bool(w.zones))
+    held = next((splits[n] for n in ("val", "test") if splits.get(n) is not None), None)
+    if held is not None and int(w.num_eval) > 0:
+        e_pairs = lm_warmup.product_pairs(held.maps[:int(w.num_eval)], zones=False)
+        e_toks, _, e_plen, _ = lm_warmup.encode_sentences(tok, e_pairs, int(w.max_len),
+                                                          int(tok.pad_token_id))
+        greedy = lm_warmup.make_greedy(model_cfg, mesh=mesh)
+        with shd.activate(mesh, rules):
+            out = greedy(res.state.params["lm"], e_toks, e_plen)
+        info.update(eval_maps=len(e_pairs), **{f"count_{k}": v for k, v in
+                    lm_warmup.score_counts(out, tok, e_plen, e_pairs).items()})
+        logging.info("stage2: after the LM warm-up the count is within tolerance on %.1f%% of "
+                     "%d held-out sentences (exact %.1f%%)", 100 * info["count_within_tol"],
+                     len(e_pairs), 100 * info["count_exact"])
+    return res.state.params["lm"], info
+
+
 # ------------------------------------------------------------------------------- run
 def run(config, workdir, mesh=None) -> dict:
     t0 = time.time()
@@ -312,6 +341,7 @@ def run(config, workdir, mesh=None) -> dict:
         check_probability(f"config.stage2.{group}.{name}", s2[group][name])
     check_drill_config(s2.count_drills.prob, s2.count_drills.turns)
     check_loss_weight(s2.numeric_loss_weight)
+    lm_warmup.check_warmup_config(s2.lm_warmup, s2.count_form, s2.zone_form)
     rules = shd.rules_from_config(config)
     if mesh is None:
         from wamglm_jax.parallel.mesh import make_mesh
@@ -417,6 +447,11 @@ def run(config, workdir, mesh=None) -> dict:
     if imported_lm is not None:
         params["lm"] = jax.device_put(jax.tree.map(jnp.asarray, imported_lm), shardings["lm"])
         logging.info("stage2: LM initialised from %s", s2.init_lm_from)
+    warmup_info = None
+    if int(s2.lm_warmup.num_steps) > 0:
+        params["lm"], warmup_info = warm_up_lm(s2, params, model_cfg, tok, splits, train_indices,
+                                               workdir=workdir, mesh=mesh, rules=rules,
+                                               seed=seed)
     vision_source = "random init"
     if s2.init_vision_from_stage1:
         src = find_stage1_checkpoint(workdir)
@@ -472,6 +507,7 @@ def run(config, workdir, mesh=None) -> dict:
         result=result, wall_seconds=result.wall_seconds + setup_seconds,
         t_eval=t_eval, extra=dict(vision_source=vision_source, align=align_info,
                                   lm_source=s2.init_lm_from or "random init",
+                                  lm_warmup=warmup_info,
                                   lora=dict(s2.lora.to_dict()) if lora_on else None,
                                   trained_parameters=n_train, parameters=n_all,
                                   encode_stats=enc_stats, tokenizer=tok_path))

@@ -1,0 +1,194 @@
+"""The language model alone, before stage 2's dialogues: the product in the share-first answers.
+
+A share-first count answer reads "8.4% of the 2046 dies fail, which is 171 dies.": the share
+comes from the image, the die total from the context line, and the count is their product.
+Trained on nothing but such sentences, the `:cpu` LM writes the count within 10% in 84% of
+answers after 32,000 of them (tools/probe_count_arithmetic.py); inside the dialogues, where
+the count's tokens are 8% of the loss behind 64 image tokens, the same LM keeps its written
+count within 10% of its own share x die count in only 43 to 48% of answers, with or without
+count drills or a larger digit weight (README "The product, text alone" and after).
+This phase (config.stage2.lm_warmup.num_steps > 0) teaches the LM that step first, on the
+training maps' own numbers: each map's (failing, total) and, with `zones`, each zone's
+(failing, dies). No image, no dialogue: BOS + the sentence + EOS with the loss on the tokens
+after " which is" (the count and its closing words). Stage 2 runs it through train.loop in
+workdir/stage2_lm_warmup (checkpointed, resumable), only params['lm'] training; its final
+evaluation scores the greedy count on `val` maps' sentences with the QA tolerance.
+
+The sentence helpers, the batches and the scorer are shared with tools/probe_count_arithmetic.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from wamglm_jax.evaluate.qa import score
+from wamglm_jax.losses.lm import lm_loss
+from wamglm_jax.models.decoder import Decoder
+from wamglm_jax.parallel.sharding import replicated
+from wamglm_jax.qa.answers import render_answer
+from wamglm_jax.qa.facts import compute_facts
+
+SPLIT = " which is"     # the prompt ends here; the model writes " F dies."
+NEW_TOKENS = 7          # greedy tokens scored: up to five digits, " dies" and "."
+
+
+def check_warmup_config(w, count_form: str, zone_form: str) -> None:
+    """ValueError naming the field of config.stage2.lm_warmup that is out of range, or the
+    forms when the warm-up is on but no answer is share-first (nothing it teaches is asked)."""
+    def is_int(v):
+        return not isinstance(v, bool) and isinstance(v, (int, np.integer))
+
+    for name, low in (("num_steps", 0), ("batch_size", 1), ("max_len", 8), ("num_eval", 0),
+                      ("log_every", 0)):
+        if not is_int(w[name]) or w[name] < low:
+            raise ValueError(f"config.stage2.lm_warmup.{name}={w[name]!r}: expected an integer "
+                             f">= {low}")
+    try:
+        lr_ok = bool(np.isfinite(float(w.learning_rate))) and float(w.learning_rate) > 0
+    except (TypeError, ValueError):
+        lr_ok = False
+    if not lr_ok:
+        raise ValueError(f"config.stage2.lm_warmup.learning_rate={w.learning_rate!r}: expected "
+                         "a finite number > 0")
+    if w.num_steps > 0 and "share_first" not in (count_form, zone_form):
+        raise ValueError(f"config.stage2.lm_warmup.num_steps={w.num_steps}: the warm-up teaches "
+                         "the share-first product, but count_form and zone_form are both "
+                         f"{count_form!r}; set one of them to 'share_first' or num_steps=0")
+
+
+def product_pairs(maps: Sequence[np.ndarray], indices=None, zones: bool = True) -> np.ndarray:
+    """int[M,2] (failing, total): each map's, then (with `zones`) each zone with dies. Maps
+    without dies are skipped (they have no share to state)."""
+    pairs = []
+    for i in (range(len(maps)) if indices is None else indices):
+        if not (np.asarray(maps[i]) > 0).any():
+            continue
+        facts = compute_facts(np.asarray(maps[i]))
+        pairs.append((facts["failing"], facts["total"]))
+        if zones:
+            pairs += [(z["failing"], z["dies"]) for z in facts["zones"].values() if z["dies"]]
+    return np.asarray(pairs, np.int64).reshape(-1, 2)
+
+
+def split_sentence(failing: int, total: int) -> tuple[str, str]:
+    """The share-first count answer split into (prompt, target) after `SPLIT`."""
+    text = render_answer("count", {"failing": int(failing), "total": int(total)},
+                         count_form="share_first")
+    head, sep, tail = text.partition(SPLIT)
+    if not sep:
+        raise ValueError(f"count answer {text!r} lacks {SPLIT!r}: the share-first form changed")
+    return head + sep, tail
+
+
+def encode_sentences(tok, pairs, max_len: int, pad_id: int = 0):
+    """-> tokens int32[M,L] (BOS prompt target EOS, then pad_id), loss_mask int32[M,L] (1 on
+    the target's tokens and the EOS: lm_loss's convention), prompt lengths int32[M] (with
+    BOS), lengths int32[M]."""
+    toks = np.full((len(pairs), max_len), pad_id, np.int32)
+    mask = np.zeros((len(pairs), max_len), np.int32)
+    plen = np.zeros(len(pairs), np.int32)
+    lens = np.zeros(len(pairs), np.int32)
+    for i, (f, n) in enumerate(pairs):
+        prompt, target = split_sentence(f, n)
+        p_ids = [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
+        ids = ([tok.bos_token_id] + tok.encode(prompt + target, add_special_tokens=False)
+               + [tok.eos_token_id])
+        if ids[:len(p_ids)] != p_ids:
+            raise ValueError(f"tokenizer splits {prompt + target!r} across the prompt boundary")
+        if len(ids) > max_len:
+            raise ValueError(f"{prompt + target!r}: {len(ids)} tokens > max_len={max_len}")
+        toks[i, :len(ids)] = ids
+        mask[i, len(p_ids):len(ids)] = 1
+        plen[i], lens[i] = len(p_ids), len(ids)
+    return toks, mask, plen, lens
+
+
+class SentenceBatches:
+    """Endless, resumable batches of encoded sentences drawn with replacement; batch k is the
+    same on every process (seeded by (seed, k)) and each process yields its own rows of it.
+
+    Batches: tokens/loss_mask/attention_mask int32[B_local,L]."""
+
+    def __init__(self, tokens, loss_mask, lengths, *, global_batch_size: int, seed: int,
+                 process_index: int = 0, process_count: int = 1):
+        if global_batch_size % process_count:
+            raise ValueError(f"batch size {global_batch_size} is not a multiple of the "
+                             f"{process_count} processes")
+        self.tokens, self.mask = tokens, loss_mask
+        self.attn = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
+        self.b, self.seed, self.step = global_batch_size, seed, 0
+        local = global_batch_size // process_count
+        self.rows = slice(process_index * local, (process_index + 1) * local)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        idx = np.random.default_rng((self.seed, self.step)).integers(
+            0, len(self.tokens), self.b)[self.rows]
+        self.step += 1
+        return {"tokens": self.tokens[idx], "loss_mask": self.mask[idx],
+                "attention_mask": self.attn[idx]}
+
+    def get_state(self):
+        return {"step": self.step}
+
+    def set_state(self, state):
+        self.step = int(state["step"])
+
+
+def make_warmup_step(model_cfg):
+    """train_step(state, batch) for train.loop: the loss of the LM alone (params['lm'], text
+    only) on the batch's loss_mask; the state holds the whole model's params."""
+    lm = Decoder(model_cfg)
+
+    def train_step(state, batch):
+        def loss_fn(params):
+            logits = lm.apply({"params": params["lm"]}, batch["tokens"],
+                              attention_mask=batch["attention_mask"])
+            out = lm_loss(logits, batch["tokens"], batch["loss_mask"])
+            return out["loss"], out
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        state = state.apply_gradients(grads)
+        return state, dict(metrics, grad_norm=optax.global_norm(grads["lm"]))
+    return train_step
+
+
+def make_greedy(model_cfg, new_tokens: int = NEW_TOKENS, mesh=None):
+    """greedy(lm_params, tokens int32[M,L], prompt_len int32[M]) -> int32[M,L]: `new_tokens`
+    argmax tokens written after each row's prompt (a full forward per token: short prompts).
+    With `mesh` the result is replicated on it (readable on every process)."""
+    lm = Decoder(model_cfg)
+
+    @functools.partial(jax.jit, out_shardings=None if mesh is None else replicated(mesh))
+    def greedy(params, toks, plen):
+        rows = jnp.arange(toks.shape[0])
+        toks = jnp.where(jnp.arange(toks.shape[1])[None] < plen[:, None], toks, 0)
+
+        def body(k, toks):
+            attn = (jnp.arange(toks.shape[1])[None] < (plen + k)[:, None]).astype(jnp.int32)
+            logits = lm.apply({"params": params}, toks, attention_mask=attn)
+            nxt = logits[rows, plen + k - 1].argmax(-1).astype(jnp.int32)
+            return toks.at[rows, plen + k].set(nxt)
+        return jax.lax.fori_loop(0, new_tokens, body, toks)
+    return greedy
+
+
+def score_counts(generated, tok, plen, pairs, new_tokens: int = NEW_TOKENS) -> dict:
+    """The first word written after each prompt read as the count and scored with the QA
+    tolerance (evaluate.qa.score: within 10%, or 1 die below 10 dies). Stricter than the QA
+    parser, whose fallback would read the share's first digit from a reply without a number.
+    -> {within_tol, exact}: fractions of the rows."""
+    within = exact = 0
+    for row, p, (failing, _) in zip(np.asarray(generated), plen, pairs):
+        words = tok.decode(row[p:p + new_tokens], skip_special_tokens=True).split()
+        guess = int(words[0]) if words and words[0].isdigit() else None
+        within += score("count", {"failing": guess}, {"failing": int(failing)})
+        exact += guess == int(failing)
+    return {"within_tol": within / max(len(pairs), 1), "exact": exact / max(len(pairs), 1)}
