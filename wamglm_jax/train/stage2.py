@@ -438,8 +438,9 @@ def run(config, workdir, mesh=None) -> dict:
 
     def batches(encoded, seed_):
         return DialogueBatches(encoded, splits["train"].maps, image_size=image_size,
-                               batch_size=int(s2.batch_size) // nproc, pad_id=pad_id,
-                               boundaries=bounds, seed=seed_)
+                               batch_size=int(s2.batch_size), pad_id=pad_id,
+                               boundaries=bounds, seed=seed_,
+                               process_index=jax.process_index(), process_count=nproc)
 
     # 2. model and initial params
     model = WamGLM(model_cfg)

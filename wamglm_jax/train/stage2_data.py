@@ -70,13 +70,23 @@ def describe_items(items):
 class DialogueBatches:
     """Endless, resumable iterator of bucketed batches (epoch e shuffled with seed + e).
 
-    Batches: image float32[B,S,S,3], tokens/loss_mask/attention_mask int32[B,T], valid int32[B]
-    (rows with valid 0 fill the last batch of a bucket and carry no loss)."""
+    `batch_size` is the global batch: every process plans the same batches (same seed, so the
+    same bucket length at every step) and yields its own rows of each, process_index's
+    batch_size / process_count of them; one process yields the whole batch.
 
-    def __init__(self, encoded, maps, *, image_size, batch_size, pad_id, boundaries, seed):
+    Batches: image float32[B,S,S,3], tokens/loss_mask/attention_mask int32[B,T], valid int32[B]
+    (rows with valid 0 fill the last batch of a bucket and carry no loss); B = the local rows."""
+
+    def __init__(self, encoded, maps, *, image_size, batch_size, pad_id, boundaries, seed,
+                 process_index: int = 0, process_count: int = 1):
+        if batch_size % process_count:
+            raise ValueError(f"batch size {batch_size} is not a multiple of the {process_count} "
+                             "processes")
         self.encoded, self.maps = encoded, maps
         self.s, self.b, self.pad, self.bounds, self.seed = (image_size, batch_size, pad_id,
                                                             boundaries, seed)
+        local = batch_size // process_count
+        self.rows = slice(process_index * local, (process_index + 1) * local)
         self.epoch, self.pos = 0, 0
         self._batches = None
 
@@ -93,7 +103,7 @@ class DialogueBatches:
         if self.pos >= len(self._batches):
             self.epoch, self.pos, self._batches = self.epoch + 1, 0, None
             self._epoch()
-        batch = dict(self._batches[self.pos])
+        batch = {k: v[self.rows] for k, v in self._batches[self.pos].items()}
         self.pos += 1
         batch["image"] = images_for(self.maps, batch["image_index"], self.s)
         return batch
