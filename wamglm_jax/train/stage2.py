@@ -18,7 +18,10 @@ Steps:
    alignment phase (`workdir/stage2_align/`: only the projector trains, on "describe this
    map" dialogues), the LM from its init or from a local Hugging Face Llama-family dir
    (config.stage2.init_lm_from, via export/from_hf; use that LM's tokenizer with
-   tokenizer_dir, the vocabulary grows to fit `<image>` and the padding).
+   tokenizer_dir, the vocabulary grows to fit `<image>` and the padding), then optionally
+   warmed up alone on the share-first product sentences of the training maps
+   (config.stage2.lm_warmup, train/lm_warmup.py, `workdir/stage2_lm_warmup/`; before the
+   alignment phase, which trains the projector against the warmed LM).
 3. What trains is set by regexes (config.stage2.optimizer.freeze / trainable; default: vision
    frozen). LoRA (config.stage2.lora.rank > 0) adds adapters under params['lora'] for kernels
    matching lora.lm_regex / lora.vision_regex; they are applied inside the jitted forward
