@@ -112,7 +112,15 @@ def report_markdown(r: dict) -> str:
         lines.append(f"- without {', '.join(ans['excluded_kinds'])} (not answerable from the "
                      f"model's input): answer accuracy {_pct(ans['turn_accuracy'])}, "
                      f"whole-dialogue {_pct(ans['dialogue_accuracy'])}")
-    lines += [f"- vision tower: {r.get('vision_source')}", "",
+    lines.append(f"- vision tower: {r.get('vision_source')}; language model: "
+                 f"{r.get('lm_source', 'random init')}")
+    w = r.get("lm_warmup")
+    if w:
+        lines.append(f"- LM warm-up: {w['steps']} steps on {w['sentences']} product sentences; "
+                     + (f"then the count is within tolerance on {_pct(w['count_within_tol'])} "
+                        f"of {w['eval_maps']} held-out sentences (exact {_pct(w['count_exact'])})"
+                        if "count_within_tol" in w else "not scored (no held-out split)"))
+    lines += ["",
               "| kind | WamGLM | n | training phrasings | held-out phrasings | "
               "stage-1 + KB baseline (training / held-out) |",
               "|---|---|---|---|---|---|"]
