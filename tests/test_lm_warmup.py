@@ -41,6 +41,8 @@ def test_encode_mask_covers_exactly_the_target_and_eos(tok):
 def test_encode_rejects_a_too_short_buffer(tok):
     with pytest.raises(ValueError, match="max_len=8"):
         lm_warmup.encode_sentences(tok, PAIRS, max_len=8)
+    with pytest.raises(ValueError, match=r"tokens > config.stage2.lm_warmup.max_len=9"):
+        lm_warmup.encode_sentences(tok, PAIRS, max_len=9, field="config.stage2.lm_warmup.max_len")
 
 
 def test_product_pairs_match_a_brute_force_count():
@@ -157,6 +159,12 @@ def test_warmup_step_loss_is_numpy_cross_entropy_and_only_the_lm_moves(tok):
     for row, orig, p in zip(out, toks, plen):
         np.testing.assert_array_equal(row[:p], orig[:p])
         assert (row[p + 3:] == 0).all()
+        for k in range(3):              # each token: the argmax of a full forward on the prefix
+            prefix = np.zeros_like(row)[None]
+            prefix[0, :p + k] = row[:p + k]
+            full = Decoder(cfg).apply({"params": new.params["lm"]}, prefix,
+                                      attention_mask=(prefix > 0).astype(np.int32))
+            assert row[p + k] == int(np.argmax(full[0, p + k - 1]))
 
 
 def _ci_config():
@@ -200,7 +208,8 @@ def test_stage2_runs_the_warmup_phase_and_resumes_it(tmp_path, monkeypatch):
     assert info["steps"] == 4 and np.isfinite(info["final_train_loss"])
     assert info["sentences"] == len(lm_warmup.product_pairs(splits["train"].maps)) > \
         len(splits["train"].maps)
-    assert info["eval_maps"] == 6 and 0.0 <= info["count_exact"] <= info["count_within_tol"] <= 1
+    assert info["eval_sentences"] == 6 and info["eval_split"] == config.stage2.eval.split
+    assert 0.0 <= info["count_exact"] <= info["count_within_tol"] <= 1
     summary = json.loads((tmp_path / "run" / "stage2_lm_warmup" / "train_summary.json")
                          .read_text())
     assert summary["steps"] == 4
@@ -208,7 +217,8 @@ def test_stage2_runs_the_warmup_phase_and_resumes_it(tmp_path, monkeypatch):
                                                     jax.tree.leaves(lm1)))
     for a, b in zip(jax.tree.leaves(lm1), jax.tree.leaves(lm2)):
         np.testing.assert_array_equal(a, b)
-    assert info2 == info
+    assert info["resumed_from"] is None and info2["resumed_from"] == 4   # restored, not rerun
+    assert dict(info2, resumed_from=None) == info
 
 
 @pytest.mark.parametrize("field,value,expected", [

@@ -203,12 +203,15 @@ def test_report_markdown_lists_every_kind(data):
         assert f"| {kind} | {100 * v['accuracy']:.1f}% | {v['n']} | {cols[0]} | {cols[1]} |" \
             in md
     assert "language model: random init" in md and "LM warm-up" not in md
-    report.update(lm_source="/lm", lm_warmup=dict(steps=30, sentences=400, eval_maps=50,
-                                                  count_within_tol=0.62, count_exact=0.1))
+    report.update(lm_source="/lm", lm_warmup=dict(steps=30, sentences=400, eval_sentences=50,
+                                                  eval_split="val", count_within_tol=0.62,
+                                                  count_exact=0.1))
     md = report_markdown(report)
     assert "language model: /lm" in md
     assert ("LM warm-up: 30 steps on 400 product sentences; then the count is within tolerance "
-            "on 62.0% of 50 held-out sentences (exact 10.0%)") in md
+            "on 62.0% of 50 `val` sentences (exact 10.0%)") in md
+    report["lm_warmup"] = dict(steps=30, sentences=400)
+    assert "LM warm-up: 30 steps on 400 product sentences; not scored" in report_markdown(report)
 
 
 def test_phrasing_of_names_the_question_asked(data):

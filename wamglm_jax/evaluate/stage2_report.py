@@ -118,8 +118,10 @@ def report_markdown(r: dict) -> str:
     if w:
         lines.append(f"- LM warm-up: {w['steps']} steps on {w['sentences']} product sentences; "
                      + (f"then the count is within tolerance on {_pct(w['count_within_tol'])} "
-                        f"of {w['eval_maps']} held-out sentences (exact {_pct(w['count_exact'])})"
-                        if "count_within_tol" in w else "not scored (no held-out split)"))
+                        f"of {w['eval_sentences']} `{w['eval_split']}` sentences (exact "
+                        f"{_pct(w['count_exact'])})"
+                        if "count_within_tol" in w else "not scored (num_eval=0 or no held-out "
+                        "split)"))
     lines += ["",
               "| kind | WamGLM | n | training phrasings | held-out phrasings | "
               "stage-1 + KB baseline (training / held-out) |",

@@ -32,6 +32,7 @@ from wamglm_jax.models.decoder import Decoder
 from wamglm_jax.parallel.sharding import replicated
 from wamglm_jax.qa.answers import render_answer
 from wamglm_jax.qa.facts import compute_facts
+from wamglm_jax.train.loop import check_positive_number
 
 SPLIT = " which is"     # the prompt ends here; the model writes " F dies."
 NEW_TOKENS = 7          # greedy tokens scored: up to five digits, " dies" and "."
@@ -48,13 +49,7 @@ def check_warmup_config(w, count_form: str, zone_form: str) -> None:
         if not is_int(w[name]) or w[name] < low:
             raise ValueError(f"config.stage2.lm_warmup.{name}={w[name]!r}: expected an integer "
                              f">= {low}")
-    try:
-        lr_ok = bool(np.isfinite(float(w.learning_rate))) and float(w.learning_rate) > 0
-    except (TypeError, ValueError):
-        lr_ok = False
-    if not lr_ok:
-        raise ValueError(f"config.stage2.lm_warmup.learning_rate={w.learning_rate!r}: expected "
-                         "a finite number > 0")
+    check_positive_number("config.stage2.lm_warmup.learning_rate", w.learning_rate)
     if w.num_steps > 0 and "share_first" not in (count_form, zone_form):
         raise ValueError(f"config.stage2.lm_warmup.num_steps={w.num_steps}: the warm-up teaches "
                          "the share-first product, but count_form and zone_form are both "
@@ -85,10 +80,10 @@ def split_sentence(failing: int, total: int) -> tuple[str, str]:
     return head + sep, tail
 
 
-def encode_sentences(tok, pairs, max_len: int, pad_id: int = 0):
+def encode_sentences(tok, pairs, max_len: int, pad_id: int = 0, field: str = "max_len"):
     """-> tokens int32[M,L] (BOS prompt target EOS, then pad_id), loss_mask int32[M,L] (1 on
     the target's tokens and the EOS: lm_loss's convention), prompt lengths int32[M] (with
-    BOS), lengths int32[M]."""
+    BOS), lengths int32[M]. `field` names max_len in the error when a sentence is longer."""
     toks = np.full((len(pairs), max_len), pad_id, np.int32)
     mask = np.zeros((len(pairs), max_len), np.int32)
     plen = np.zeros(len(pairs), np.int32)
@@ -101,7 +96,7 @@ def encode_sentences(tok, pairs, max_len: int, pad_id: int = 0):
         if ids[:len(p_ids)] != p_ids:
             raise ValueError(f"tokenizer splits {prompt + target!r} across the prompt boundary")
         if len(ids) > max_len:
-            raise ValueError(f"{prompt + target!r}: {len(ids)} tokens > max_len={max_len}")
+            raise ValueError(f"{prompt + target!r}: {len(ids)} tokens > {field}={max_len}")
         toks[i, :len(ids)] = ids
         mask[i, len(p_ids):len(ids)] = 1
         plen[i], lens[i] = len(p_ids), len(ids)
@@ -171,11 +166,14 @@ def make_greedy(model_cfg, new_tokens: int = NEW_TOKENS, mesh=None):
         rows = jnp.arange(toks.shape[0])
         toks = jnp.where(jnp.arange(toks.shape[1])[None] < plen[:, None], toks, 0)
 
+        def next_logits(m, toks, attn, at):      # float[M,V]: only the position read
+            hidden, _ = m.hidden_states(m.embed(toks), attn)
+            return m.logits(hidden[rows, at][:, None])[:, 0]
+
         def body(k, toks):
             attn = (jnp.arange(toks.shape[1])[None] < (plen + k)[:, None]).astype(jnp.int32)
-            logits = lm.apply({"params": params}, toks, attention_mask=attn)
-            nxt = logits[rows, plen + k - 1].argmax(-1).astype(jnp.int32)
-            return toks.at[rows, plen + k].set(nxt)
+            logits = lm.apply({"params": params}, toks, attn, plen + k - 1, method=next_logits)
+            return toks.at[rows, plen + k].set(logits.argmax(-1).astype(jnp.int32))
         return jax.lax.fori_loop(0, new_tokens, body, toks)
     return greedy
 

@@ -100,6 +100,16 @@ class _QuietOrbax:
         return record.levelno >= 30 or "orbax" not in (record.pathname or "")
 
 
+def check_positive_number(field: str, value, hint: str = "") -> None:
+    """ValueError naming `field` unless `value` is a finite number > 0."""
+    try:
+        ok = bool(np.isfinite(float(value))) and float(value) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{field}={value!r}: expected a finite number > 0{hint}")
+
+
 def merge_section(config, name: str, defaults: ml_collections.ConfigDict
                   ) -> ml_collections.ConfigDict:
     """config.<name> on top of `defaults`, nested sections merged field by field; an unknown

@@ -136,13 +136,8 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
 
 def check_loss_weight(weight) -> None:
     """config.stage2.numeric_loss_weight must be a finite number > 0 (1 = plain CE)."""
-    try:
-        ok = bool(np.isfinite(float(weight))) and float(weight) > 0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"config.stage2.numeric_loss_weight={weight!r}: expected a finite "
-                         "number > 0 (1 = plain cross-entropy on every assistant token)")
+    loop.check_positive_number("config.stage2.numeric_loss_weight", weight,
+                               " (1 = plain cross-entropy on every assistant token)")
 
 
 def attach_lora(params: dict, s2, model_cfg, mesh, seed: int) -> dict:
@@ -289,13 +284,16 @@ def warm_up_lm(s2, params, model_cfg, tok, splits, train_indices, *, workdir, me
                seed):
     """config.stage2.lm_warmup (train/lm_warmup.py): params['lm'] trained alone on the share-
     first product sentences of the training maps, in workdir/stage2_lm_warmup (train.loop:
-    checkpointed, resumed, logged), then its greedy count scored on up to num_eval maps of
-    `val` (else `test`). -> (lm params, info for the report)."""
+    checkpointed, resumed, logged), then its greedy count scored on num_eval maps (seeded)
+    of config.stage2.eval.split. -> (lm params, info for the report)."""
     w = s2.lm_warmup
     pairs = lm_warmup.product_pairs(splits["train"].maps, train_indices, zones=bool(w.zones))
+    if not len(pairs):
+        raise ValueError("config.stage2.lm_warmup: the training maps have no dies, so there is "
+                         "no product sentence to warm up on")
     toks, mask, _, lens = lm_warmup.encode_sentences(tok, pairs, int(w.max_len),
-                                                     int(tok.pad_token_id))
-    shd.check_batch(int(w.batch_size), mesh, "config.stage2.lm_warmup.batch_size")
+                                                     int(tok.pad_token_id),
+                                                     field="config.stage2.lm_warmup.max_len")
     w_cfg = _opt_cfg(s2, False, trainable=("^lm/",), freeze=(),
                      learning_rate=float(w.learning_rate))
     state, schedule = make_state(params, w_cfg, int(w.num_steps), mesh, rules, seed + 7)
@@ -312,16 +310,18 @@ def warm_up_lm(s2, params, model_cfg, tok, splits, train_indices, *, workdir, me
                           train_step=lm_warmup.make_warmup_step(model_cfg), mesh=mesh,
                           rules=rules, learning_rate=schedule, name="stage2-lm-warmup")
     info = dict(steps=res.step, final_train_loss=res.final_train_loss, sentences=len(pairs),
-                zones=bool(w.zones))
-    held = next((splits[n] for n in ("val", "test") if splits.get(n) is not None), None)
-    if held is not None and int(w.num_eval) > 0:
-        e_pairs = lm_warmup.product_pairs(held.maps[:int(w.num_eval)], zones=False)
+                zones=bool(w.zones), resumed_from=res.resumed_from)
+    name = next((n for n in (s2.eval.split, "val", "test") if splits.get(n) is not None), None)
+    if name is not None and int(w.num_eval) > 0:
+        held = splits[name].maps         # a seeded sample, as the QA evaluation draws its maps
+        pick = np.random.default_rng(seed + 99).permutation(len(held))[:int(w.num_eval)]
+        e_pairs = lm_warmup.product_pairs(held, sorted(pick), zones=False)
         e_toks, _, e_plen, _ = lm_warmup.encode_sentences(tok, e_pairs, int(w.max_len),
                                                           int(tok.pad_token_id))
         greedy = lm_warmup.make_greedy(model_cfg, mesh=mesh)
         with shd.activate(mesh, rules):
             out = greedy(res.state.params["lm"], e_toks, e_plen)
-        info.update(eval_maps=len(e_pairs), **{f"count_{k}": v for k, v in
+        info.update(eval_split=name, eval_sentences=len(e_pairs), **{f"count_{k}": v for k, v in
                     lm_warmup.score_counts(out, tok, e_plen, e_pairs).items()})
         logging.info("stage2: after the LM warm-up the count is within tolerance on %.1f%% of "
                      "%d held-out sentences (exact %.1f%%)", 100 * info["count_within_tol"],
@@ -349,6 +349,9 @@ def run(config, workdir, mesh=None) -> dict:
     if mesh is None:
         from wamglm_jax.parallel.mesh import make_mesh
         mesh = make_mesh(config.mesh)
+    shd.check_batch(int(s2.batch_size), mesh, "config.stage2.batch_size")
+    if int(s2.lm_warmup.num_steps) > 0:
+        shd.check_batch(int(s2.lm_warmup.batch_size), mesh, "config.stage2.lm_warmup.batch_size")
     workdir = epath.Path(workdir).absolute()
     stage_dir = workdir / STAGE
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -433,7 +436,6 @@ def run(config, workdir, mesh=None) -> dict:
                  enc_stats["samples"], enc_stats["tokens"], enc_stats["loss_tokens"],
                  enc_stats["numeric_loss_tokens"], numeric_weight, enc_stats["truncated"],
                  len(tok), model_cfg.lm.vocab_size, model_cfg.image_token_id)
-    shd.check_batch(int(s2.batch_size), mesh, "config.stage2.batch_size")
     bounds = qenc.bucket_boundaries(int(s2.max_len), min_bucket=min(64, int(s2.max_len)))
     pad_id = int(tok.pad_token_id)
     image_size = int(model_cfg.vit.image_size)
