@@ -121,7 +121,9 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
                        num_eval=500, log_every=100),
                                     # > 0: the LM alone first learns the share-first product
                                     # on the training maps' numbers (train/lm_warmup.py,
-                                    # workdir/stage2_lm_warmup); README "LM warm-up"
+                                    # workdir/stage2_lm_warmup); off: README
+                                    # "LM warm-up" (3,000 steps: 97.8% on text, then
+                                    # worse answers after stage 2, one run)
         align=dict(num_steps=0, learning_rate=1e-3, log_every=20),
         eval=dict(split="val", num_maps=200, max_new_tokens=96, batch_size=16, num_examples=3,
                   baseline=True),
