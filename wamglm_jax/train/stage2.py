@@ -318,8 +318,9 @@ def warm_up_lm(s2, params, model_cfg, tok, splits, train_indices, *, workdir, me
         held = splits[name].maps         # a seeded sample, as the QA evaluation draws its maps
         pick = np.random.default_rng(seed + 99).permutation(len(held))[:int(w.num_eval)]
         e_pairs = lm_warmup.product_pairs(held, sorted(pick), zones=False)
-        e_toks, _, e_plen, _ = lm_warmup.encode_sentences(tok, e_pairs, int(w.max_len),
-                                                          int(tok.pad_token_id))
+        e_toks, _, e_plen, _ = lm_warmup.encode_sentences(
+            tok, e_pairs, int(w.max_len), int(tok.pad_token_id),
+            field="config.stage2.lm_warmup.max_len")
         greedy = lm_warmup.make_greedy(model_cfg, mesh=mesh)
         with shd.activate(mesh, rules):
             out = greedy(res.state.params["lm"], e_toks, e_plen)
