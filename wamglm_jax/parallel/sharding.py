@@ -97,6 +97,16 @@ def axis_size(mesh: Mesh, axes) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+def process_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
+    """This process's rows of a global batch (global_batch concatenates the processes' rows
+    in process order). ValueError unless the batch splits evenly."""
+    if global_batch_size % process_count:
+        raise ValueError(f"batch size {global_batch_size} is not a multiple of the "
+                         f"{process_count} processes")
+    local = global_batch_size // process_count
+    return slice(process_index * local, (process_index + 1) * local)
+
+
 def check_batch(global_batch_size: int, mesh: Mesh, what: str = "batch size") -> None:
     n = axis_size(mesh, BATCH_AXES)
     if global_batch_size % n:

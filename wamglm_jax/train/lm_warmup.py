@@ -33,7 +33,7 @@ import optax
 from wamglm_jax.evaluate.qa import score
 from wamglm_jax.losses.lm import lm_loss
 from wamglm_jax.models.decoder import Decoder
-from wamglm_jax.parallel.sharding import replicated
+from wamglm_jax.parallel.sharding import process_rows, replicated
 from wamglm_jax.qa.answers import render_answer
 from wamglm_jax.qa.facts import compute_facts
 from wamglm_jax.train.loop import check_positive_number
@@ -115,14 +115,10 @@ class SentenceBatches:
 
     def __init__(self, tokens, loss_mask, lengths, *, global_batch_size: int, seed: int,
                  process_index: int = 0, process_count: int = 1):
-        if global_batch_size % process_count:
-            raise ValueError(f"batch size {global_batch_size} is not a multiple of the "
-                             f"{process_count} processes")
         self.tokens, self.mask = tokens, loss_mask
         self.attn = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
         self.b, self.seed, self.step = global_batch_size, seed, 0
-        local = global_batch_size // process_count
-        self.rows = slice(process_index * local, (process_index + 1) * local)
+        self.rows = process_rows(global_batch_size, process_index, process_count)
 
     def __iter__(self):
         return self

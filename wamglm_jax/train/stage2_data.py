@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from wamglm_jax.data.preprocess import area_resize_onehot
+from wamglm_jax.parallel.sharding import process_rows
 from wamglm_jax.qa import encode as qenc
 from wamglm_jax.qa.tokenizer import build_tokenizer, load_tokenizer
 
@@ -79,14 +80,10 @@ class DialogueBatches:
 
     def __init__(self, encoded, maps, *, image_size, batch_size, pad_id, boundaries, seed,
                  process_index: int = 0, process_count: int = 1):
-        if batch_size % process_count:
-            raise ValueError(f"batch size {batch_size} is not a multiple of the {process_count} "
-                             "processes")
         self.encoded, self.maps = encoded, maps
         self.s, self.b, self.pad, self.bounds, self.seed = (image_size, batch_size, pad_id,
                                                             boundaries, seed)
-        local = batch_size // process_count
-        self.rows = slice(process_index * local, (process_index + 1) * local)
+        self.rows = process_rows(batch_size, process_index, process_count)
         self.epoch, self.pos = 0, 0
         self._batches = None
 
