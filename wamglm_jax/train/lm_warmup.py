@@ -18,6 +18,11 @@ Measured (README "LM warm-up", one `:cpu` run): 3,000 steps bring the text-only 
 97.8% within tolerance, but after stage 2 the answers are worse than without the warm-up
 (the die count is no longer copied, numeric 57.1% against 62.1%), so it is off by default.
 
+Product rehearsal (config.stage2.product_rehearsal.weight > 0) keeps the same sentences in
+stage 2 itself: every step also draws a batch of them (`WithSentences`) and adds `weight` x
+their LM-only loss to the dialogue loss (stage2.make_train_step), so the product is learnt
+beside the dialogues instead of before them.
+
 The sentence helpers, the batches and the scorer are shared with tools/probe_count_arithmetic.
 """
 from __future__ import annotations
@@ -58,6 +63,24 @@ def check_warmup_config(w, count_form: str, zone_form: str) -> None:
         raise ValueError(f"config.stage2.lm_warmup.num_steps={w.num_steps}: the warm-up teaches "
                          "the share-first product, but count_form and zone_form are both "
                          f"{count_form!r}; set one of them to 'share_first' or num_steps=0")
+
+
+def check_rehearsal_config(r, count_form: str, zone_form: str) -> None:
+    """ValueError naming the field of config.stage2.product_rehearsal that is out of range."""
+    w = r.weight
+    if (isinstance(w, bool) or not isinstance(w, (int, float, np.number)) or not np.isfinite(w)
+            or w < 0):
+        raise ValueError(f"config.stage2.product_rehearsal.weight={w!r}: expected a finite "
+                         "number >= 0 (0 = off)")
+    for name, low in (("batch_size", 1), ("max_len", 8)):
+        v = r[name]
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ValueError(f"config.stage2.product_rehearsal.{name}={v!r}: expected an "
+                             f"integer >= {low}")
+    if r.weight > 0 and "share_first" not in (count_form, zone_form):
+        raise ValueError(f"config.stage2.product_rehearsal.weight={r.weight}: the rehearsal "
+                         "teaches the share-first product, but count_form and zone_form are "
+                         f"both {count_form!r}; set one of them to 'share_first' or weight=0")
 
 
 def product_pairs(maps: Sequence[np.ndarray], indices=None, zones: bool = True) -> np.ndarray:
@@ -135,6 +158,31 @@ class SentenceBatches:
 
     def set_state(self, state):
         self.step = int(state["step"])
+
+
+class WithSentences:
+    """Stage 2's dialogue batches, each with a batch of product sentences under "sentences"
+    (config.stage2.product_rehearsal); resumable: the state holds both iterators'."""
+
+    def __init__(self, dialogues, sentences: SentenceBatches):
+        self.dialogues, self.sentences = dialogues, sentences
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return dict(next(self.dialogues), sentences=next(self.sentences))
+
+    def get_state(self):
+        return {"dialogues": self.dialogues.get_state(), "sentences": self.sentences.get_state()}
+
+    def set_state(self, state):
+        if set(state) != {"dialogues", "sentences"}:
+            raise ValueError(f"data iterator state {sorted(state)}: expected 'dialogues' and "
+                             "'sentences' (was this checkpoint written without "
+                             "config.stage2.product_rehearsal?)")
+        self.dialogues.set_state(state["dialogues"])
+        self.sentences.set_state(state["sentences"])
 
 
 def make_warmup_step(model_cfg):

@@ -56,6 +56,7 @@ from wamglm_jax.evaluate.stage2_report import evaluate_and_report
 from wamglm_jax.inference.load import STAGE2_DIR
 from wamglm_jax.losses.lm import lm_loss
 from wamglm_jax.models import lora as lora_lib
+from wamglm_jax.models.decoder import Decoder
 from wamglm_jax.models.wamglm import WamGLM, check_image_tokens, num_image_tokens
 from wamglm_jax.parallel import sharding as shd
 from wamglm_jax.qa import encode as qenc
@@ -124,6 +125,11 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
                                     # workdir/stage2_lm_warmup); off: README
                                     # "LM warm-up" (3,000 steps: 97.8% on text, then
                                     # worse answers after stage 2, one run)
+        product_rehearsal=dict(weight=0.0, batch_size=32, zones=True, max_len=32),
+                                    # > 0: every stage-2 step also trains the LM alone on a
+                                    # batch of the warm-up's product sentences, this weight
+                                    # times their loss added to the dialogue loss
+                                    # (train/lm_warmup.py WithSentences)
         align=dict(num_steps=0, learning_rate=1e-3, log_every=20),
         eval=dict(split="val", num_maps=200, max_new_tokens=96, batch_size=16, num_examples=3,
                   baseline=True),
@@ -230,15 +236,30 @@ def restore_stage1_vision(state_dir: str, target_vision):
     return out["params"]["vision"]
 
 
-def make_train_step(model, alpha, token_weights=None):
-    """token_weights float[V] or None: see lm_loss (config.stage2.numeric_loss_weight)."""
+def make_train_step(model, alpha, token_weights=None, product_weight: float = 0.0):
+    """token_weights float[V] or None: see lm_loss (config.stage2.numeric_loss_weight).
+    product_weight > 0 (config.stage2.product_rehearsal.weight): the batch also holds
+    "sentences" (tokens/loss_mask/attention_mask int32[B_s,L_s], text only) and the objective
+    is the dialogue loss + product_weight x the LM's loss on them (metric loss; ce and
+    token_accuracy stay the dialogues', product_ce/product_token_accuracy the sentences')."""
+    lm = Decoder(model.config)
+
     def train_step(state: TrainState, batch):
         mask = batch["loss_mask"] * batch["valid"][:, None]
 
         def loss_fn(params):
-            logits = model.apply({"params": lora_lib.effective_params(params, alpha)},
-                                 batch["image"], batch["tokens"], batch["attention_mask"])
+            eff = lora_lib.effective_params(params, alpha)
+            logits = model.apply({"params": eff}, batch["image"], batch["tokens"],
+                                 batch["attention_mask"])
             out = lm_loss(logits, batch["tokens"], mask, token_weights)
+            if product_weight > 0:
+                s = batch["sentences"]
+                s_out = lm_loss(lm.apply({"params": eff["lm"]}, s["tokens"],
+                                         attention_mask=s["attention_mask"]),
+                                s["tokens"], s["loss_mask"])
+                out = dict(out, loss=out["loss"] + product_weight * s_out["loss"],
+                           product_ce=s_out["ce"],
+                           product_token_accuracy=s_out["token_accuracy"])
             return out["loss"], out
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -250,7 +271,8 @@ def make_train_step(model, alpha, token_weights=None):
 def _batch_fn(model_cfg):
     def fn(b):
         check_image_tokens(b["tokens"][b["valid"] > 0], model_cfg)
-        return {k: b[k] for k in ("image", "tokens", "loss_mask", "attention_mask", "valid")}
+        keys = ("image", "tokens", "loss_mask", "attention_mask", "valid", "sentences")
+        return {k: b[k] for k in keys if k in b}
     return fn
 
 
@@ -332,6 +354,27 @@ def warm_up_lm(s2, params, model_cfg, tok, splits, train_indices, *, workdir, me
     return res.state.params["lm"], info
 
 
+def rehearse_products(s2, dialogue_batches, tok, splits, train_indices, seed):
+    """config.stage2.product_rehearsal: the dialogue batches with a batch of the training
+    maps' product sentences each (lm_warmup.WithSentences). -> (iterator, info)."""
+    r = s2.product_rehearsal
+    pairs = lm_warmup.product_pairs(splits["train"].maps, train_indices, zones=bool(r.zones))
+    if not len(pairs):
+        raise ValueError("config.stage2.product_rehearsal: the training maps have no dies, so "
+                         "there is no product sentence to rehearse")
+    toks, mask, _, lens = lm_warmup.encode_sentences(
+        tok, pairs, int(r.max_len), int(tok.pad_token_id),
+        field="config.stage2.product_rehearsal.max_len")
+    sentences = lm_warmup.SentenceBatches(toks, mask, lens, global_batch_size=int(r.batch_size),
+                                          seed=seed + 13, process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    logging.info("stage2: product rehearsal on %d sentences (zones %s), %d per step, weight %.2f",
+                 len(pairs), bool(r.zones), int(r.batch_size), float(r.weight))
+    return (lm_warmup.WithSentences(dialogue_batches, sentences),
+            dict(weight=float(r.weight), sentences=len(pairs), batch_size=int(r.batch_size),
+                 zones=bool(r.zones)))
+
+
 # ------------------------------------------------------------------------------- run
 def run(config, workdir, mesh=None) -> dict:
     t0 = time.time()
@@ -348,6 +391,7 @@ def run(config, workdir, mesh=None) -> dict:
     check_drill_config(s2.count_drills.prob, s2.count_drills.turns)
     check_loss_weight(s2.numeric_loss_weight)
     lm_warmup.check_warmup_config(s2.lm_warmup, s2.count_form, s2.zone_form)
+    lm_warmup.check_rehearsal_config(s2.product_rehearsal, s2.count_form, s2.zone_form)
     rules = shd.rules_from_config(config)
     if mesh is None:
         from wamglm_jax.parallel.mesh import make_mesh
@@ -355,6 +399,10 @@ def run(config, workdir, mesh=None) -> dict:
     shd.check_batch(int(s2.batch_size), mesh, "config.stage2.batch_size")
     if int(s2.lm_warmup.num_steps) > 0:
         shd.check_batch(int(s2.lm_warmup.batch_size), mesh, "config.stage2.lm_warmup.batch_size")
+    product_weight = float(s2.product_rehearsal.weight)
+    if product_weight > 0:
+        shd.check_batch(int(s2.product_rehearsal.batch_size), mesh,
+                        "config.stage2.product_rehearsal.batch_size")
     workdir = epath.Path(workdir).absolute()
     stage_dir = workdir / STAGE
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -469,8 +517,9 @@ def run(config, workdir, mesh=None) -> dict:
         logging.info("stage2: vision tower restored from %s", src)
     alpha = float(s2.lora.alpha)
     lora_on = int(s2.lora.rank) > 0
-    train_step = make_train_step(model, alpha, None if numeric_weight == 1.0 else
-                                 np.where(numeric, numeric_weight, 1.0).astype(np.float32))
+    token_weights = (None if numeric_weight == 1.0 else
+                     np.where(numeric, numeric_weight, 1.0).astype(np.float32))
+    train_step = make_train_step(model, alpha, token_weights)
     align_info = None
     if int(s2.align.num_steps) > 0:
         a_enc, _ = qenc.encode_items(tok, describe_items(items["train"]), num_image_tokens=nimg,
@@ -500,9 +549,14 @@ def run(config, workdir, mesh=None) -> dict:
     logging.info("stage2: %.3fM parameters, %.3fM trained", n_all / 1e6, n_train / 1e6)
 
     # 3. train
+    train_iter, rehearsal_info = batches(enc, seed), None
+    if product_weight > 0:
+        train_iter, rehearsal_info = rehearse_products(s2, train_iter, tok, splits,
+                                                       train_indices, seed)
+        train_step = make_train_step(model, alpha, token_weights, product_weight)
     t_loop = time.time()
     result = loop.train_loop(stage_dir=stage_dir, cfg=s2.loop, state=state,
-                             train_step=train_step, train_iter=batches(enc, seed),
+                             train_step=train_step, train_iter=train_iter,
                              mesh=mesh, rules=rules, batch_fn=_batch_fn(model_cfg),
                              learning_rate=schedule, name="stage2")
     setup_seconds = t_loop - t0
@@ -517,6 +571,7 @@ def run(config, workdir, mesh=None) -> dict:
         t_eval=t_eval, extra=dict(vision_source=vision_source, align=align_info,
                                   lm_source=s2.init_lm_from or "random init",
                                   lm_warmup=warmup_info,
+                                  product_rehearsal=rehearsal_info,
                                   lora=dict(s2.lora.to_dict()) if lora_on else None,
                                   trained_parameters=n_train, parameters=n_all,
                                   encode_stats=enc_stats, tokenizer=tok_path))
