@@ -47,40 +47,41 @@ SPLIT = " which is"     # the prompt ends here; the model writes " F dies."
 NEW_TOKENS = 7          # greedy tokens scored: up to five digits, " dies" and "."
 
 
+def _check_sentence_section(section: str, cfg, ints, switch: str, what: str,
+                            count_form: str, zone_form: str) -> None:
+    """ValueError naming config.stage2.<section>.<field> for an integer field below its low
+    bound (`ints`: (field, low) pairs), or the forms when the section is on (cfg[switch] > 0)
+    but no answer is share-first (nothing the sentences teach is asked)."""
+    for name, low in ints:
+        v = cfg[name]
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ValueError(f"config.stage2.{section}.{name}={v!r}: expected an integer "
+                             f">= {low}")
+    if cfg[switch] > 0 and "share_first" not in (count_form, zone_form):
+        raise ValueError(f"config.stage2.{section}.{switch}={cfg[switch]}: {what} teaches the "
+                         "share-first product, but count_form and zone_form are both "
+                         f"{count_form!r}; set one of them to 'share_first' or {switch}=0")
+
+
 def check_warmup_config(w, count_form: str, zone_form: str) -> None:
     """ValueError naming the field of config.stage2.lm_warmup that is out of range, or the
-    forms when the warm-up is on but no answer is share-first (nothing it teaches is asked)."""
-    def is_int(v):
-        return not isinstance(v, bool) and isinstance(v, (int, np.integer))
-
-    for name, low in (("num_steps", 0), ("batch_size", 1), ("max_len", 8), ("num_eval", 0),
-                      ("log_every", 0)):
-        if not is_int(w[name]) or w[name] < low:
-            raise ValueError(f"config.stage2.lm_warmup.{name}={w[name]!r}: expected an integer "
-                             f">= {low}")
+    forms when the warm-up is on but no answer is share-first."""
+    _check_sentence_section("lm_warmup", w, (("num_steps", 0), ("batch_size", 1),
+                                             ("max_len", 8), ("num_eval", 0), ("log_every", 0)),
+                            "num_steps", "the warm-up", count_form, zone_form)
     check_positive_number("config.stage2.lm_warmup.learning_rate", w.learning_rate)
-    if w.num_steps > 0 and "share_first" not in (count_form, zone_form):
-        raise ValueError(f"config.stage2.lm_warmup.num_steps={w.num_steps}: the warm-up teaches "
-                         "the share-first product, but count_form and zone_form are both "
-                         f"{count_form!r}; set one of them to 'share_first' or num_steps=0")
 
 
 def check_rehearsal_config(r, count_form: str, zone_form: str) -> None:
-    """ValueError naming the field of config.stage2.product_rehearsal that is out of range."""
+    """ValueError naming the field of config.stage2.product_rehearsal that is out of range, or
+    the forms when the rehearsal is on but no answer is share-first."""
     w = r.weight
     if (isinstance(w, bool) or not isinstance(w, (int, float, np.number)) or not np.isfinite(w)
             or w < 0):
         raise ValueError(f"config.stage2.product_rehearsal.weight={w!r}: expected a finite "
                          "number >= 0 (0 = off)")
-    for name, low in (("batch_size", 1), ("max_len", 8)):
-        v = r[name]
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-            raise ValueError(f"config.stage2.product_rehearsal.{name}={v!r}: expected an "
-                             f"integer >= {low}")
-    if r.weight > 0 and "share_first" not in (count_form, zone_form):
-        raise ValueError(f"config.stage2.product_rehearsal.weight={r.weight}: the rehearsal "
-                         "teaches the share-first product, but count_form and zone_form are "
-                         f"both {count_form!r}; set one of them to 'share_first' or weight=0")
+    _check_sentence_section("product_rehearsal", r, (("batch_size", 1), ("max_len", 8)),
+                            "weight", "the rehearsal", count_form, zone_form)
 
 
 def product_pairs(maps: Sequence[np.ndarray], indices=None, zones: bool = True) -> np.ndarray:
