@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from wamglm_jax.models import lora as lora_lib
 from wamglm_jax.train import lm_warmup
 
 PAIRS = [(171, 2046), (0, 518), (1, 44), (9, 95), (3849, 4922), (40, 300)]
@@ -122,21 +123,38 @@ def test_rehearsal_step_objective_is_dialogue_ce_plus_weight_times_sentence_ce()
     assert any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(with_s.params["lm"]),
                                                      jax.tree.leaves(plain.params["lm"])))
 
+    # With LoRA the sentences run through the adapted LM: their CE is the merged LM's
+    lo = lora_lib.init_lora(params, 4, 16.0, r"^lm/.*(q_proj|up_proj)", jax.random.PRNGKey(3),
+                            stacked_regex=r"/layers/" if cfg.scan_layers else None)
+    lo = jax.tree.map(lambda x: x + 0.05, lo)          # B = 0 at init would hide the adapters
+    l_params = dict(params, lora=lo)
+    l_tx, _ = optim.make_optimizer(optim.default_optimizer_config(
+        learning_rate=1e-2, warmup_steps=0, trainable=("^lora/",)), 10, l_params)
+    l_state = TrainState.create(params=l_params, tx=l_tx, rng=jax.random.PRNGKey(1))
+    _, ml = jax.jit(stage2.make_train_step(model, 16.0, product_weight=0.5))(l_state, batch)
+    merged = lora_lib.merged_params(l_params, 16.0)
+    l_ce = _numpy_ce(Decoder(cfg).apply({"params": merged["lm"]}, st["tokens"],
+                                        attention_mask=st["attention_mask"]),
+                     st["tokens"], st["loss_mask"])
+    assert abs(l_ce - s_ce) > 1e-3                     # the adapters change the sentences' CE
+    np.testing.assert_allclose(float(ml["product_ce"]), l_ce, rtol=1e-5)
+
 
 def _ci_config():
     from configs import quickstart
     config = quickstart.get_config("ci")
     config.stage2.init_vision_from_stage1 = False
-    config.stage2.product_rehearsal.update(weight=1.0, batch_size=8)
+    config.stage2.product_rehearsal.update(weight=1.0, batch_size=8, num_eval=6)
     return config
 
 
 @pytest.mark.slow
 def test_stage2_run_rehearses_and_resumes_the_sentence_iterator(tmp_path, monkeypatch):
-    """stage2.run with the rehearsal: the report names it (every training map's and zone's
-    sentence), the last checkpoint holds both iterators' positions (one sentence batch per
-    step), and a run stopped before its report resumes from that checkpoint (set_state on
-    the saved state) with no new steps."""
+    """stage2.run with the rehearsal after a 2-step alignment phase (which must take the plain
+    step: its batches carry no sentences): stopped after 3 of its steps, the checkpoint holds
+    both iterators' positions; the run resumed to 6 steps continues the saved sentence stream
+    (6 batches drawn in all, not 3), and its report names the rehearsal and scores the LM
+    alone on 6 held-out maps' sentences."""
     from wamglm_jax.data.splits import load_splits
     from wamglm_jax.train import stage2
     from wamglm_jax.train.checkpoint import decode_iter_state
@@ -144,35 +162,66 @@ def test_stage2_run_rehearses_and_resumes_the_sentence_iterator(tmp_path, monkey
     class Stop(Exception):
         pass
 
+    def iter_state(step):
+        d = tmp_path / "run" / "stage2" / "checkpoints" / str(step) / "data_iter"
+        return decode_iter_state((d / "process_0-of-1.json").read_text())
+
     config = _ci_config()
+    config.stage2.align.num_steps = 2
+    config.stage2.loop.update(num_steps=3, checkpoint_every=3)
     real = stage2.evaluate_and_report
     monkeypatch.setattr(stage2, "evaluate_and_report", lambda **k: (_ for _ in ()).throw(Stop))
     with pytest.raises(Stop):
         stage2.run(config, str(tmp_path / "run"))
-    steps = int(config.stage2.loop.num_steps)
-    saved = tmp_path / "run" / "stage2" / "checkpoints" / str(steps) / "data_iter"
-    state = decode_iter_state(next(saved.glob("process_0-of-1.json")).read_text())
-    assert set(state) == {"dialogues", "sentences"} and state["sentences"] == {"step": steps}
+    first = iter_state(3)
+    assert set(first) == {"dialogues", "sentences"} and first["sentences"] == {"step": 3}
 
-    resumed = []
-
-    def record(**k):
-        resumed.append(k["result"].resumed_from)
-        return real(**k)
-
-    monkeypatch.setattr(stage2, "evaluate_and_report", record)
+    monkeypatch.setattr(stage2, "evaluate_and_report", real)
+    config.stage2.loop.num_steps = 6
     report = stage2.run(config, str(tmp_path / "run"))
-    assert report["steps"] == steps and resumed == [steps]
-    maps = load_splits(config.data)["train"].maps
-    assert report["product_rehearsal"] == dict(
+    assert report["steps"] == 6 and iter_state(6)["sentences"] == {"step": 6}
+    assert iter_state(6)["dialogues"] != first["dialogues"]
+    splits = load_splits(config.data)
+    info = report["product_rehearsal"]
+    assert {k: info[k] for k in ("weight", "batch_size", "zones", "sentences")} == dict(
         weight=1.0, batch_size=8, zones=True,
-        sentences=len(lm_warmup.product_pairs(maps, zones=True)))
+        sentences=len(lm_warmup.product_pairs(splits["train"].maps, zones=True)))
+    name = config.stage2.eval.split      # afterwards: the LM alone on 6 held-out maps' prompts
+    assert info["eval_split"] == name and info["eval_sentences"] == 6   # every map has dies
+    assert 0.0 <= info["count_exact"] <= info["count_within_tol"] <= 1.0
+    md = (tmp_path / "run" / "stage2" / "report.md").read_text()
+    assert "- product rehearsal: weight 1.0" in md and "`%s` sentences" % name in md
+
+
+@pytest.mark.slow
+def test_rehearsal_with_a_frozen_lm_is_refused(tmp_path):
+    from wamglm_jax.train import stage2
+
+    config = _ci_config()
+    config.stage2.optimizer.freeze = ("^vision/", "^lm/")
+    with pytest.raises(ValueError, match=r"product_rehearsal.weight=1.0: no language-model "
+                                         r"weight trains"):
+        stage2.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "stage2" / "checkpoints").exists()
+
+
+def test_dialogue_batches_refuse_a_rehearsal_checkpoints_state():
+    """A checkpoint written with the rehearsal, resumed with weight 0: a named error, not a
+    KeyError."""
+    from wamglm_jax.train.stage2_data import DialogueBatches
+
+    it = DialogueBatches([], [], image_size=8, batch_size=2, pad_id=0, boundaries=[8], seed=0)
+    with pytest.raises(ValueError, match=r"\['dialogues', 'sentences'\]: expected 'epoch' and "
+                                         r"'pos'.*product_rehearsal.weight > 0"):
+        it.set_state({"dialogues": {"epoch": 0, "pos": 1}, "sentences": {"step": 1}})
+    it.set_state({"epoch": 2, "pos": 5})
+    assert it.get_state() == {"epoch": 2, "pos": 5}
 
 
 @pytest.mark.parametrize("field,value,expected", [
     ("weight", -1.0, "a finite number >= 0"), ("weight", float("nan"), "a finite number >= 0"),
     ("weight", float("inf"), "a finite number >= 0"), ("batch_size", 0, "an integer >= 1"),
-    ("max_len", 4, "an integer >= 8")])
+    ("max_len", 4, "an integer >= 8"), ("num_eval", -1, "an integer >= 0")])
 def test_bad_rehearsal_config_fails_before_anything_is_built(tmp_path, monkeypatch, field,
                                                              value, expected):
     from wamglm_jax.train import stage2

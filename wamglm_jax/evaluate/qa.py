@@ -308,10 +308,18 @@ def plot_qa(summary: dict, baseline: dict | None, history: Sequence[dict], path:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+    steps = [h["step"] for h in history]
+    # ce: the plain mean over assistant tokens (the objective `loss` may weight digits or add
+    # the product rehearsal's sentences; those runs plot their sentence CE beside it)
     if history:
-        a1.plot([h["step"] for h in history], [h.get("loss") for h in history], marker=".")
+        a1.plot(steps, [h.get("ce", h.get("loss")) for h in history], marker=".",
+                label="dialogues")
+    if any("product_ce" in h for h in history):
+        a1.plot(steps, [h.get("product_ce") for h in history], marker=".",
+                label="product sentences (rehearsal)")
+        a1.legend()
     a1.set_xlabel("step")
-    a1.set_ylabel("train loss (assistant tokens)")
+    a1.set_ylabel("train cross-entropy (assistant tokens)")
     a1.set_title("stage 2 training")
     kinds = list(summary["by_kind"])
     x = np.arange(len(kinds))

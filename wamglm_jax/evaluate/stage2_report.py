@@ -122,6 +122,17 @@ def report_markdown(r: dict) -> str:
                         f"{_pct(w['count_exact'])})"
                         if "count_within_tol" in w else "not scored (num_eval=0 or no held-out "
                         "split)"))
+    pr = r.get("product_rehearsal")
+    if pr:
+        last = (r.get("history") or [{}])[-1]
+        lines.append(f"- product rehearsal: weight {pr['weight']} x the LM's loss on "
+                     f"{pr['batch_size']} of {pr['sentences']} product sentences per step "
+                     f"(the final train loss includes it; last logged dialogue CE "
+                     f"{last.get('ce')}, sentence CE {last.get('product_ce')})"
+                     + (f"; afterwards the LM alone writes the count within tolerance on "
+                        f"{_pct(pr['count_within_tol'])} of {pr['eval_sentences']} "
+                        f"`{pr['eval_split']}` sentences (exact {_pct(pr['count_exact'])})"
+                        if pr.get("count_within_tol") is not None else ""))
     lines += ["",
               "| kind | WamGLM | n | training phrasings | held-out phrasings | "
               "stage-1 + KB baseline (training / held-out) |",

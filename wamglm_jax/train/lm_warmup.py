@@ -38,7 +38,7 @@ import optax
 from wamglm_jax.evaluate.qa import score
 from wamglm_jax.losses.lm import lm_loss
 from wamglm_jax.models.decoder import Decoder
-from wamglm_jax.parallel.sharding import process_rows, replicated
+from wamglm_jax.parallel.sharding import activate, process_rows, replicated
 from wamglm_jax.qa.answers import render_answer
 from wamglm_jax.qa.facts import compute_facts
 from wamglm_jax.train.loop import check_positive_number
@@ -80,7 +80,8 @@ def check_rehearsal_config(r, count_form: str, zone_form: str) -> None:
             or w < 0):
         raise ValueError(f"config.stage2.product_rehearsal.weight={w!r}: expected a finite "
                          "number >= 0 (0 = off)")
-    _check_sentence_section("product_rehearsal", r, (("batch_size", 1), ("max_len", 8)),
+    _check_sentence_section("product_rehearsal", r, (("batch_size", 1), ("max_len", 8),
+                                                     ("num_eval", 0)),
                             "weight", "the rehearsal", count_form, zone_form)
 
 
@@ -239,3 +240,22 @@ def score_counts(generated, tok, plen, pairs, new_tokens: int = NEW_TOKENS) -> d
         within += score("count", {"failing": guess}, {"failing": int(failing)})
         exact += guess == int(failing)
     return {"within_tol": within / max(len(pairs), 1), "exact": exact / max(len(pairs), 1)}
+
+
+def score_text_product(lm_params, model_cfg, tok, maps, indices, max_len: int, *,
+                       field: str = "max_len", mesh=None, rules=()) -> dict:
+    """The LM alone, greedy, on the count sentence's prompt ("8.4% of the 2046 dies fail,
+    which is") of each map in maps[indices] with dies (the whole map, not its zones): the
+    product as text, without the image or the dialogue. -> {sentences, within_tol, exact}.
+    With `mesh` the greedy runs on it (under `rules`); the result is read on every process."""
+    pairs = product_pairs(maps, indices, zones=False)
+    if not len(pairs):
+        return {"sentences": 0, "within_tol": None, "exact": None}
+    toks, _, plen, _ = encode_sentences(tok, pairs, max_len, int(tok.pad_token_id), field=field)
+    greedy = make_greedy(model_cfg, mesh=mesh)
+    if mesh is None:
+        out = greedy(lm_params, toks, plen)
+    else:
+        with activate(mesh, rules):
+            out = greedy(lm_params, toks, plen)
+    return dict(sentences=len(pairs), **score_counts(out, tok, plen, pairs))

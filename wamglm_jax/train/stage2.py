@@ -28,7 +28,9 @@ Steps:
    (models.lora.apply_lora) and checkpoints keep them unmerged; by default only adapters and
    the projector train then. Loss: token cross-entropy on assistant tokens only (targets
    spelt with a digit weighted by config.stage2.numeric_loss_weight, in the alignment phase
-   too; 1 = the plain mean; the metric `ce` is always the plain mean, comparable across runs).
+   too; 1 = the plain mean; the metric `ce` is always the plain mean, comparable across runs),
+   plus, with config.stage2.product_rehearsal.weight > 0, that weight x the LM's loss on a
+   batch of product sentences each step (metric `product_ce`; not in the alignment phase).
 4. train.loop.train_loop (checkpointing, resume, metrics, NaN guard, SIGTERM) in workdir/stage2.
 5. Evaluation on config.stage2.eval.split (evaluate.qa: teacher-forced history, per kind,
    whole dialogue, held-out phrasings separately) and the stage-1 + KB template baseline
@@ -125,11 +127,14 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
                                     # workdir/stage2_lm_warmup); off: README
                                     # "LM warm-up" (3,000 steps: 97.8% on text, then
                                     # worse answers after stage 2, one run)
-        product_rehearsal=dict(weight=0.0, batch_size=32, zones=True, max_len=32),
-                                    # > 0: every stage-2 step also trains the LM alone on a
-                                    # batch of the warm-up's product sentences, this weight
-                                    # times their loss added to the dialogue loss
-                                    # (train/lm_warmup.py WithSentences)
+        product_rehearsal=dict(weight=0.0, batch_size=32, zones=True, max_len=32, num_eval=500),
+                                    # weight > 0: every stage-2 step adds weight x the LM's
+                                    # loss on a batch of the warm-up's product sentences (text
+                                    # only) to the dialogue loss, one objective and one clipped
+                                    # gradient (train/lm_warmup.py WithSentences; the LM must
+                                    # train); afterwards the LM alone writes the count
+                                    # of num_eval eval-split maps' sentences (the report's
+                                    # product_rehearsal entry)
         align=dict(num_steps=0, learning_rate=1e-3, log_every=20),
         eval=dict(split="val", num_maps=200, max_new_tokens=96, batch_size=16, num_examples=3,
                   baseline=True),
@@ -304,6 +309,16 @@ def _opt_cfg(s2, lora_on: bool, **overrides):
     return cfg
 
 
+def score_heldout_products(lm_params, model_cfg, tok, splits, name, num, max_len, seed, field,
+                           mesh, rules) -> dict:
+    """lm_warmup.score_text_product on a seeded sample of `num` maps of splits[name] (as the
+    QA evaluation draws its maps)."""
+    held = splits[name].maps
+    pick = np.random.default_rng(seed + 99).permutation(len(held))[:num]
+    return lm_warmup.score_text_product(lm_params, model_cfg, tok, held, sorted(pick), max_len,
+                                        field=field, mesh=mesh, rules=rules)
+
+
 def warm_up_lm(s2, params, model_cfg, tok, splits, train_indices, *, workdir, mesh, rules,
                seed):
     """config.stage2.lm_warmup (train/lm_warmup.py): params['lm'] trained alone on the share-
@@ -337,20 +352,16 @@ def warm_up_lm(s2, params, model_cfg, tok, splits, train_indices, *, workdir, me
                 zones=bool(w.zones), resumed_from=res.resumed_from)
     name = next((n for n in (s2.eval.split, "val", "test") if splits.get(n) is not None), None)
     if name is not None and int(w.num_eval) > 0:
-        held = splits[name].maps         # a seeded sample, as the QA evaluation draws its maps
-        pick = np.random.default_rng(seed + 99).permutation(len(held))[:int(w.num_eval)]
-        e_pairs = lm_warmup.product_pairs(held, sorted(pick), zones=False)
-        e_toks, _, e_plen, _ = lm_warmup.encode_sentences(
-            tok, e_pairs, int(w.max_len), int(tok.pad_token_id),
-            field="config.stage2.lm_warmup.max_len")
-        greedy = lm_warmup.make_greedy(model_cfg, mesh=mesh)
-        with shd.activate(mesh, rules):
-            out = greedy(res.state.params["lm"], e_toks, e_plen)
-        info.update(eval_split=name, eval_sentences=len(e_pairs), **{f"count_{k}": v for k, v in
-                    lm_warmup.score_counts(out, tok, e_plen, e_pairs).items()})
-        logging.info("stage2: after the LM warm-up the count is within tolerance on %.1f%% of "
-                     "%d held-out sentences (exact %.1f%%)", 100 * info["count_within_tol"],
-                     len(e_pairs), 100 * info["count_exact"])
+        scored = score_heldout_products(res.state.params["lm"], model_cfg, tok, splits, name,
+                                        int(w.num_eval), int(w.max_len), seed,
+                                        "config.stage2.lm_warmup.max_len", mesh, rules)
+        info.update(eval_split=name, eval_sentences=scored["sentences"],
+                    count_within_tol=scored["within_tol"], count_exact=scored["exact"])
+        if scored["sentences"]:
+            logging.info("stage2: after the LM warm-up the count is within tolerance on %.1f%% "
+                         "of %d held-out sentences (exact %.1f%%)",
+                         100 * info["count_within_tol"], info["eval_sentences"],
+                         100 * info["count_exact"])
     return res.state.params["lm"], info
 
 
@@ -373,6 +384,25 @@ def rehearse_products(s2, dialogue_batches, tok, splits, train_indices, seed):
     return (lm_warmup.WithSentences(dialogue_batches, sentences),
             dict(weight=float(r.weight), sentences=len(pairs), batch_size=int(r.batch_size),
                  zones=bool(r.zones)))
+
+
+def score_rehearsal(s2, lm_params, model_cfg, tok, splits, seed, mesh, rules) -> dict:
+    """After a rehearsed stage 2: the trained LM alone on num_eval held-out maps' product
+    sentences (score_heldout_products) -> report fields (empty when there is nothing to
+    score)."""
+    r = s2.product_rehearsal
+    name = next((n for n in (s2.eval.split, "val", "test") if splits.get(n) is not None), None)
+    if name is None or int(r.num_eval) == 0:
+        return {}
+    scored = score_heldout_products(lm_params, model_cfg, tok, splits, name, int(r.num_eval),
+                                    int(r.max_len), seed,
+                                    "config.stage2.product_rehearsal.max_len", mesh, rules)
+    if scored["sentences"]:
+        logging.info("stage2: after the rehearsed stage 2 the LM alone writes the count within "
+                     "tolerance on %.1f%% of %d held-out sentences (exact %.1f%%)",
+                     100 * scored["within_tol"], scored["sentences"], 100 * scored["exact"])
+    return dict(eval_split=name, eval_sentences=scored["sentences"],
+                count_within_tol=scored["within_tol"], count_exact=scored["exact"])
 
 
 # ------------------------------------------------------------------------------- run
@@ -547,6 +577,13 @@ def run(config, workdir, mesh=None) -> dict:
                                                       jax.tree.leaves(mask)) if m)
     n_all = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     logging.info("stage2: %.3fM parameters, %.3fM trained", n_all / 1e6, n_train / 1e6)
+    trained = [lora_lib.path_str(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]
+               if m]
+    if product_weight > 0 and not any(n.startswith(("lm/", "lora/lm/")) for n in trained):
+        raise ValueError(f"config.stage2.product_rehearsal.weight={product_weight}: no "
+                         "language-model weight trains (config.stage2.optimizer freeze/"
+                         "trainable, or LoRA without lora.lm_regex), so the product sentences "
+                         "would change nothing; set weight=0 or let the LM train")
 
     # 3. train
     train_iter, rehearsal_info = batches(enc, seed), None
@@ -564,6 +601,9 @@ def run(config, workdir, mesh=None) -> dict:
     # 4. evaluate
     t_eval = time.time()
     plain = jax.device_get(lora_lib.merged_params(result.state.params, alpha))
+    if rehearsal_info is not None:
+        rehearsal_info.update(score_rehearsal(s2, plain["lm"], model_cfg, tok, splits, seed,
+                                              mesh, rules))
     report = evaluate_and_report(
         stage=STAGE, config=config, s2=s2, workdir=workdir, stage_dir=stage_dir, mesh=mesh,
         rules=rules, model_cfg=model_cfg, params=plain, tok=tok, splits=splits, items=items, kb=kb,

@@ -109,6 +109,10 @@ class DialogueBatches:
         return {"epoch": self.epoch, "pos": self.pos}
 
     def set_state(self, state):
+        if set(state) != {"epoch", "pos"}:
+            raise ValueError(f"data iterator state {sorted(state)}: expected 'epoch' and 'pos' "
+                             "(was this checkpoint written with config.stage2.product_rehearsal."
+                             "weight > 0? resume it with the same weight)")
         self.epoch, self.pos, self._batches = int(state["epoch"]), int(state["pos"]), None
 
 
