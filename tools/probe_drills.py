@@ -44,13 +44,20 @@ def load_maps(workdir: str, data: str | None, split: str):
     return splits[split]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_and_maps_parser(doc: str, num_maps: int) -> argparse.ArgumentParser:
+    """A parser with the arguments the probes of a finished run share: --workdir, --data,
+    --split, --num_maps (its default `num_maps`)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--workdir", required=True, help="a stage-2 run directory")
     ap.add_argument("--data", default=None, help="any file/dir load_dataset reads (default: "
                                                  "the run's config.data)")
     ap.add_argument("--split", default="test")
-    ap.add_argument("--num_maps", type=int, default=100)
+    ap.add_argument("--num_maps", type=int, default=num_maps)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = run_and_maps_parser(__doc__, num_maps=100)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--batch_size", type=int, default=16)

@@ -14,21 +14,15 @@ the same as JSON (also written to --json).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from tools._json_line import emit
-from tools.probe_drills import load_maps
+from tools.probe_drills import load_maps, run_and_maps_parser
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", required=True, help="a stage-2 run directory")
-    ap.add_argument("--data", default=None, help="any file/dir load_dataset reads (default: "
-                                                 "the run's config.data)")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--num_maps", type=int, default=500)
+    ap = run_and_maps_parser(__doc__, num_maps=500)
     ap.add_argument("--max_len", type=int, default=32, help="tokens per sentence buffer")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
