@@ -21,7 +21,10 @@ Measured (README "LM warm-up", one `:cpu` run): 3,000 steps bring the text-only 
 Product rehearsal (config.stage2.product_rehearsal.weight > 0) keeps the same sentences in
 stage 2 itself: every step also draws a batch of them (`WithSentences`) and adds `weight` x
 their LM-only loss to the dialogue loss (stage2.make_train_step), so the product is learnt
-beside the dialogues instead of before them.
+beside the dialogues instead of before them. Measured (README "Product rehearsal", one `:cpu`
+run, weight 1): the LM alone then writes the count within tolerance for 93.6% of held-out
+sentences, but as after the warm-up the answers stop copying the die count from the context
+(2.4%) and numeric answers fall to 43.9%, so it is off by default.
 
 The sentence helpers, the batches and the scorer are shared with tools/probe_count_arithmetic.
 """
