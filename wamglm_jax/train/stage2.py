@@ -311,6 +311,12 @@ def _opt_cfg(s2, lora_on: bool, **overrides):
     return cfg
 
 
+def heldout_split(s2, splits):
+    """The split the text-only product scores use: config.stage2.eval.split, else val, else
+    test; None when there is none."""
+    return next((n for n in (s2.eval.split, "val", "test") if splits.get(n) is not None), None)
+
+
 def score_heldout_products(lm_params, model_cfg, tok, splits, name, num, max_len, seed, field,
                            mesh, rules) -> dict:
     """lm_warmup.score_text_product on a seeded sample of `num` maps of splits[name] (as the
@@ -352,7 +358,7 @@ def warm_up_lm(s2, params, model_cfg, tok, splits, train_indices, *, workdir, me
                           rules=rules, learning_rate=schedule, name="stage2-lm-warmup")
     info = dict(steps=res.step, final_train_loss=res.final_train_loss, sentences=len(pairs),
                 zones=bool(w.zones), resumed_from=res.resumed_from)
-    name = next((n for n in (s2.eval.split, "val", "test") if splits.get(n) is not None), None)
+    name = heldout_split(s2, splits)
     if name is not None and int(w.num_eval) > 0:
         scored = score_heldout_products(res.state.params["lm"], model_cfg, tok, splits, name,
                                         int(w.num_eval), int(w.max_len), seed,
@@ -393,7 +399,7 @@ def score_rehearsal(s2, lm_params, model_cfg, tok, splits, seed, mesh, rules) ->
     sentences (score_heldout_products) -> report fields (empty when there is nothing to
     score)."""
     r = s2.product_rehearsal
-    name = next((n for n in (s2.eval.split, "val", "test") if splits.get(n) is not None), None)
+    name = heldout_split(s2, splits)
     if name is None or int(r.num_eval) == 0:
         return {}
     scored = score_heldout_products(lm_params, model_cfg, tok, splits, name, int(r.num_eval),
