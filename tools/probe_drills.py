@@ -46,14 +46,23 @@ def load_maps(workdir: str, data: str | None, split: str):
 
 def run_and_maps_parser(doc: str, num_maps: int) -> argparse.ArgumentParser:
     """A parser with the arguments the probes of a finished run share: --workdir, --data,
-    --split, --num_maps (its default `num_maps`)."""
+    --split, --num_maps (its default `num_maps`), --json."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--workdir", required=True, help="a stage-2 run directory")
     ap.add_argument("--data", default=None, help="any file/dir load_dataset reads (default: "
                                                  "the run's config.data)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--num_maps", type=int, default=num_maps)
+    ap.add_argument("--json", default=None)
     return ap
+
+
+def load_run(args):
+    """(dataset of --split, model_cfg, params, tokenizer) of the run in --workdir; raises
+    FileNotFoundError / ValueError naming what is missing."""
+    from wamglm_jax.inference.load import load_for_inference
+    ds = load_maps(args.workdir, args.data, args.split)
+    return (ds,) + tuple(load_for_inference(args.workdir))
 
 
 def main(argv=None) -> int:
@@ -61,7 +70,6 @@ def main(argv=None) -> int:
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.num_maps < 1 or args.turns < 1:
         print(f"--num_maps={args.num_maps} / --turns={args.turns}: expected >= 1 each",
@@ -69,11 +77,10 @@ def main(argv=None) -> int:
         return 2
 
     from wamglm_jax.evaluate import qa as qa_eval
-    from wamglm_jax.inference.load import answer_forms, load_for_inference
+    from wamglm_jax.inference.load import answer_forms
     from wamglm_jax.qa.drills import build_count_drills
     try:
-        ds = load_maps(args.workdir, args.data, args.split)
-        model_cfg, params, tok = load_for_inference(args.workdir)
+        ds, model_cfg, params, tok = load_run(args)
         forms = answer_forms(args.workdir)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -18,24 +18,21 @@ import os
 import sys
 
 from tools._json_line import emit
-from tools.probe_drills import load_maps, run_and_maps_parser
+from tools.probe_drills import load_run, run_and_maps_parser
 
 
 def main(argv=None) -> int:
     ap = run_and_maps_parser(__doc__, num_maps=500)
     ap.add_argument("--max_len", type=int, default=32, help="tokens per sentence buffer")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.num_maps < 1 or args.max_len < 8:
         print(f"--num_maps={args.num_maps} / --max_len={args.max_len}: expected >= 1 / >= 8",
               file=sys.stderr)
         return 2
 
-    from wamglm_jax.inference.load import load_for_inference
     from wamglm_jax.train.lm_warmup import score_text_product
     try:
-        ds = load_maps(args.workdir, args.data, args.split)
-        model_cfg, params, tok = load_for_inference(args.workdir)
+        ds, model_cfg, params, tok = load_run(args)
         scored = score_text_product(params["lm"], model_cfg, tok, ds.maps,
                                     range(min(args.num_maps, len(ds.maps))), args.max_len,
                                     field="--max_len")

@@ -585,9 +585,9 @@ def run(config, workdir, mesh=None) -> dict:
                                                       jax.tree.leaves(mask)) if m)
     n_all = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     logging.info("stage2: %.3fM parameters, %.3fM trained", n_all / 1e6, n_train / 1e6)
-    trained = [lora_lib.path_str(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]
-               if m]
-    if product_weight > 0 and not any(n.startswith(("lm/", "lora/lm/")) for n in trained):
+    if product_weight > 0 and not any(
+            m and lora_lib.path_str(p).startswith(("lm/", "lora/lm/"))
+            for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]):
         raise ValueError(f"config.stage2.product_rehearsal.weight={product_weight}: no "
                          "language-model weight trains (config.stage2.optimizer freeze/"
                          "trainable, or LoRA without lora.lm_regex), so the product sentences "
