@@ -175,6 +175,39 @@ def test_count_diagnostics_share_first_answers_by_hand():
     assert d["exact_product_accuracy"] == pytest.approx(4 / 6)
 
 
+def test_zone_diagnostics_by_hand():
+    """kind='zone_extent': the same figures over zone answers only, N the zone's dies; count
+    answers and the yield do not enter; a wrong zone total is not a copy."""
+    def rec(kind, parsed, expected):
+        return dict(id="d", turn=1, kind=kind, parsed=parsed, expected=expected,
+                    correct=False, heldout=False)
+    recs = [
+        # edge total copied (1120); 27% of 1120 = 302.4 ~ F; share 302/1120 = truth
+        rec("zone_extent", {"zone": "edge", "failing": 302, "total": 1120, "pct": 27.0},
+            {"zone": "edge", "failing": 302, "total": 1120}),
+        # total copied; stated 20% vs 25% true (20% off); F 100 vs 20% of 400 = 80: off
+        rec("zone_extent", {"zone": "center", "failing": 100, "total": 400, "pct": 20.0},
+            {"zone": "center", "failing": 100, "total": 400}),
+        # count-first zone answer with a wrong total (estimated 900 against 1000)
+        rec("zone_extent", {"zone": "middle", "failing": 90, "total": 900},
+            {"zone": "middle", "failing": 100, "total": 1000}),
+        rec("count", {"failing": 5, "total": 7, "pct": 1.0}, {"failing": 50, "total": 500}),
+        rec("yield", {"yield_pct": 90.0}, {"yield_pct": 92.5}),
+    ]
+    d = qa_eval.count_diagnostics(recs, kind="zone_extent")
+    assert d["n_count_answers"] == 3
+    assert d["die_count_copied"] == pytest.approx(2 / 3)
+    assert d["n_share"] == 3 and d["share_within_tol"] == pytest.approx(3 / 3)  # 90/900 = 0.1
+    assert d["n_stated"] == 2
+    assert d["share_stated_within_tol"] == pytest.approx(1 / 2)
+    assert d["product_within_tol"] == pytest.approx(1 / 2)
+    assert d["median_rel_error"] == pytest.approx(0.0)             # 0, 0, 0.1
+    assert "n_yield" not in d
+    assert qa_eval.summarize(recs)["zone_diagnostics"] == d
+    with pytest.raises(ValueError, match="kind 'yield'"):
+        qa_eval.count_diagnostics(recs, kind="yield")
+
+
 def test_report_markdown_lists_every_kind(data):
     from wamglm_jax.evaluate.stage2_report import report_markdown
     _, items = data

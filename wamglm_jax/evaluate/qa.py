@@ -152,7 +152,7 @@ def generate_answers(generator, tok, items: Sequence[dict], images: Callable[[in
 
 def summarize(records: Sequence[dict]) -> dict:
     """{'by_kind': {kind: {accuracy, n}}, 'dialogue_accuracy', 'turn_accuracy', 'n_dialogues',
-    'count_diagnostics', 'heldout': {...same for held-out items}, 'seen': {...training
+    'count_diagnostics', 'zone_diagnostics', 'heldout': {...same for held-out items}, 'seen': {...training
     phrasings}, 'heldout_phrasings': [{kind, phrasing, accuracy, n}] per held-out question
     template}. With only a few held-out phrasings per kind, one phrasing the model misreads
     moves the held-out figure by a third; the per-phrasing list shows which."""
@@ -171,6 +171,7 @@ def summarize(records: Sequence[dict]) -> dict:
 
     out = part(records)
     out["count_diagnostics"] = count_diagnostics(records)
+    out["zone_diagnostics"] = count_diagnostics(records, kind="zone_extent")
     out["heldout"] = part([r for r in records if r["heldout"]])
     out["seen"] = part([r for r in records if not r["heldout"]])
     by_phrasing = defaultdict(list)
@@ -191,7 +192,7 @@ def summarize(records: Sequence[dict]) -> dict:
 COUNT_SIZE_BINS = ((0, 20), (20, 100), (100, None))   # failing dies in the answer key
 
 
-def count_diagnostics(records: Sequence[dict]) -> dict:
+def count_diagnostics(records: Sequence[dict], kind: str = "count") -> dict:
     """Where failing-die count answers ("P% of the N dies fail, which is F dies.") go wrong.
     A count is the failing share (in the image) times the die count (in the context line), so:
 
@@ -210,11 +211,17 @@ def count_diagnostics(records: Sequence[dict]) -> dict:
       by_failing            count accuracy by the true failing-die count (COUNT_SIZE_BINS:
                             at 10%, a count under 20 must be exact to a die or two)
       yield_median_abs_error  median |yield - yield_true| in points over the yield answers
+                            (kind 'count' only)
 
+    kind='zone_extent' gives the same for zone counts ("At the edge, P% of the N dies fail,
+    which is F dies."), N then the zone's dies: copied from the die count line when the run's
+    zone_form is 'share_first', estimated from the image with 'count_first'.
     Fractions are over the answers each needs (n_* give the denominators); None when empty.
     Records without `expected` (the template baseline's) are skipped."""
+    if kind not in ("count", "zone_extent"):
+        raise ValueError(f"count_diagnostics: kind {kind!r}; expected 'count' or 'zone_extent'")
     records = [r for r in records if "expected" in r]
-    counts = [r for r in records if r["kind"] == "count"]
+    counts = [r for r in records if r["kind"] == kind]
     parsed = [(r.get("parsed") or {}, r["expected"]) for r in counts]
     with_n = [(p, e) for p, e in parsed if p.get("total") is not None]
     both = [(p, e) for p, e in with_n if p.get("failing") is not None and p["total"] > 0
@@ -232,7 +239,7 @@ def count_diagnostics(records: Sequence[dict]) -> dict:
         sel = [r["correct"] for r in counts
                if r["expected"]["failing"] >= lo and (hi is None or r["expected"]["failing"] < hi)]
         bins[f"{lo}-{hi - 1}" if hi else f">={lo}"] = {"accuracy": frac(sel), "n": len(sel)}
-    return {
+    out = {
         "n_count_answers": len(counts),
         "die_count_copied": frac([p.get("total") == e["total"] for p, e in parsed]),
         "share_within_tol": frac([abs(p["failing"] / p["total"] - e["failing"] / e["total"])
@@ -249,9 +256,11 @@ def count_diagnostics(records: Sequence[dict]) -> dict:
         "median_rel_error": float(np.median([abs(p["failing"] - e["failing"]) / e["failing"]
                                              for p, e in with_f])) if with_f else None,
         "by_failing": bins,
-        "yield_median_abs_error": float(np.median(yields)) if yields else None,
-        "n_yield": len(yields),
     }
+    if kind == "count":
+        out.update(yield_median_abs_error=float(np.median(yields)) if yields else None,
+                   n_yield=len(yields))
+    return out
 
 
 def example_dialogues(records: Sequence[dict], items: Sequence[dict], n: int = 3) -> list[dict]:

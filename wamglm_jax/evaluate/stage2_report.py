@@ -151,22 +151,14 @@ def report_markdown(r: dict) -> str:
         split = f" ({cell(bseen, k)} / {cell(bho, k)})" if k in bseen or k in bho else ""
         lines.append(f"| {k} | {_pct(v['accuracy'])} | {v['n']} | {cell(seen, k)} | "
                      f"{cell(ho, k)} | {cell(base, k)}{split} |")
-    cd = r["qa_summary"].get("count_diagnostics") or {}
-    if cd.get("n_count_answers"):
-        bins = ", ".join(f"{k} failing: {_pct(v['accuracy'])} (n={v['n']})"
-                         for k, v in cd["by_failing"].items() if v["n"])
-        med = cd["median_rel_error"]
-        lines += ["", f"Failing-die counts ({cd['n_count_answers']} answers): die count copied "
-                      f"from the context line {_pct(cd['die_count_copied'])}; implied failing "
-                      f"share within 10% {_pct(cd['share_within_tol'])}; median relative error "
-                      f"{'n/a' if med is None else f'{100 * med:.1f}%'}; within tolerance by "
-                      f"true count: {bins}."]
-        if cd.get("n_stated"):
-            lines[-1] += (f" Share-first answers ({cd['n_stated']}): stated share within 10% "
-                          f"{_pct(cd['share_stated_within_tol'])}; count within 10% of the "
-                          f"stated share of the stated die count "
-                          f"{_pct(cd['product_within_tol'])}; counts within tolerance had they "
-                          f"been that product exactly {_pct(cd['exact_product_accuracy'])}.")
+    for key, label, total in (
+            ("count_diagnostics", "Failing-die counts", "die count copied from the context line"),
+            ("zone_diagnostics", "Zone counts", "the zone's die total right (copied from the "
+                                                "die count line with zone_form 'share_first', "
+                                                "else estimated from the image)")):
+        line = _count_line(r["qa_summary"].get(key) or {}, label, total)
+        if line:
+            lines += ["", line]
     hp = r["qa_summary"].get("heldout_phrasings") or []
     if hp:
         lines += ["", "Held-out phrasings one by one (a phrasing the model misreads shows here "
@@ -200,3 +192,24 @@ def report_markdown(r: dict) -> str:
                 lines.append(f"  - reference: {t['reference']}")
                 lines.append(f"  - model{mark}: {t['model']}")
     return "\n".join(lines) + "\n"
+
+
+def _count_line(cd: dict, label: str, total: str) -> str | None:
+    """One report sentence from a `count_diagnostics` dict (None when it has no answers)."""
+    if not cd.get("n_count_answers"):
+        return None
+    bins = ", ".join(f"{k} failing: {_pct(v['accuracy'])} (n={v['n']})"
+                     for k, v in cd["by_failing"].items() if v["n"])
+    med = cd["median_rel_error"]
+    line = (f"{label} ({cd['n_count_answers']} answers): {total} "
+            f"{_pct(cd['die_count_copied'])}; implied failing share within 10% "
+            f"{_pct(cd['share_within_tol'])}; median relative error "
+            f"{'n/a' if med is None else f'{100 * med:.1f}%'}; within tolerance by true count: "
+            f"{bins}.")
+    if cd.get("n_stated"):
+        line += (f" Share-first answers ({cd['n_stated']}): stated share within 10% "
+                 f"{_pct(cd['share_stated_within_tol'])}; count within 10% of the stated share "
+                 f"of the stated die count {_pct(cd['product_within_tol'])}; counts within "
+                 f"tolerance had they been that product exactly "
+                 f"{_pct(cd['exact_product_accuracy'])}.")
+    return line
