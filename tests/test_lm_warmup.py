@@ -38,6 +38,29 @@ def test_encode_mask_covers_exactly_the_target_and_eos(tok):
         assert (row[n:] == 7).all()
 
 
+def test_encode_packed_rows_are_the_sentences_one_after_another(tok):
+    """[M,K,2] pairs: each row is BOS, then the K sentences' own ids (as encoded alone),
+    then EOS; the mask covers each target and the EOS; plen is where the last target starts."""
+    rows = np.asarray(PAIRS[:4]).reshape(2, 2, 2)
+    toks, mask, plen, lens = lm_warmup.encode_sentences(tok, rows, max_len=64, pad_id=7)
+    one, one_mask, one_plen, one_lens = lm_warmup.encode_sentences(tok, PAIRS[:4], max_len=32)
+    for r in range(2):
+        a, b = 2 * r, 2 * r + 1          # the two sentences of row r, encoded alone
+        body_a = one[a, 1:one_lens[a] - 1]                       # without BOS and EOS
+        body_b = one[b, 1:one_lens[b] - 1]
+        expect = np.concatenate([[tok.bos_token_id], body_a, body_b, [tok.eos_token_id]])
+        assert lens[r] == len(expect) and (toks[r, :lens[r]] == expect).all()
+        assert (toks[r, lens[r]:] == 7).all()
+        want = np.zeros(64, np.int32)
+        want[one_plen[a]:one_lens[a] - 1] = 1                    # first target, same offsets
+        shift = len(body_a)
+        want[shift + one_plen[b]:lens[r]] = 1                    # second target and the EOS
+        assert (mask[r] == want).all()
+        assert plen[r] == shift + one_plen[b]
+    with pytest.raises(ValueError, match=r"shape \(4, 3\)"):
+        lm_warmup.encode_sentences(tok, np.zeros((4, 3), np.int64), max_len=32)
+
+
 def test_encode_rejects_a_too_short_buffer(tok):
     with pytest.raises(ValueError, match="max_len=8"):
         lm_warmup.encode_sentences(tok, PAIRS, max_len=8)

@@ -140,6 +140,51 @@ def test_rehearsal_step_objective_is_dialogue_ce_plus_weight_times_sentence_ce()
     np.testing.assert_allclose(float(ml["product_ce"]), l_ce, rtol=1e-5)
 
 
+def test_pack_pairs_is_a_seeded_regrouping_of_the_pairs():
+    pairs = np.arange(14).reshape(7, 2)
+    np.testing.assert_array_equal(lm_warmup.pack_pairs(pairs, 1, seed=0), pairs[:, None])
+    rows = lm_warmup.pack_pairs(pairs, 3, seed=5)
+    assert rows.shape == (2, 3, 2)
+    flat = [tuple(p) for p in rows.reshape(-1, 2).tolist()]
+    assert len(set(flat)) == 6 and set(flat) <= {tuple(p) for p in pairs.tolist()}
+    np.testing.assert_array_equal(rows, lm_warmup.pack_pairs(pairs, 3, seed=5))
+    assert not np.array_equal(rows, lm_warmup.pack_pairs(pairs, 3, seed=6))
+    with pytest.raises(ValueError, match="7 sentences, fewer than one row of 8"):
+        lm_warmup.pack_pairs(pairs, 8, seed=0)
+
+
+def test_rehearse_products_packs_rows_of_sentences():
+    """pack=2: each rehearsal row holds two whole sentences of the training maps' pairs, the
+    loss on both counts; the report fields name the packing."""
+    import ml_collections
+
+    from wamglm_jax.data.generator import generate
+    from wamglm_jax.qa.tokenizer import train_tokenizer
+    from wamglm_jax.train import stage2
+
+    maps = generate(6, seed=2).maps
+    pairs = lm_warmup.product_pairs(maps, zones=False)
+    tok = train_tokenizer(["".join(lm_warmup.split_sentence(f, n)) for f, n in pairs],
+                          vocab_size=300)
+    s2 = ml_collections.ConfigDict(dict(product_rehearsal=dict(
+        weight=1.0, batch_size=4, zones=False, max_len=64, num_eval=0, pack=2)))
+
+    class Split:
+        pass
+    split = Split()
+    split.maps = maps
+    it, info = stage2.rehearse_products(s2, _Counting(), tok, {"train": split}, None, seed=0)
+    assert info == dict(weight=1.0, sentences=6, batch_size=4, zones=False, pack=2)
+    batch = next(it)["sentences"]
+    texts = {"".join(lm_warmup.split_sentence(f, n)) for f, n in pairs}
+    for row, m, a in zip(batch["tokens"], batch["loss_mask"], batch["attention_mask"]):
+        runs = np.flatnonzero(np.diff(np.concatenate([[0], m, [0]])) == 1)
+        assert len(runs) == 2                       # two counts (the second with the EOS)
+        body = tok.decode(row[1:a.sum() - 1])
+        found = [t for t in texts if t in body]
+        assert len(found) == 2 and len(body) == sum(map(len, found))
+
+
 def _ci_config():
     from configs import quickstart
     config = quickstart.get_config("ci")
@@ -221,7 +266,8 @@ def test_dialogue_batches_refuse_a_rehearsal_checkpoints_state():
 @pytest.mark.parametrize("field,value,expected", [
     ("weight", -1.0, "a finite number >= 0"), ("weight", float("nan"), "a finite number >= 0"),
     ("weight", float("inf"), "a finite number >= 0"), ("batch_size", 0, "an integer >= 1"),
-    ("max_len", 4, "an integer >= 8"), ("num_eval", -1, "an integer >= 0")])
+    ("max_len", 4, "an integer >= 8"), ("num_eval", -1, "an integer >= 0"),
+    ("pack", 0, "an integer >= 1")])
 def test_bad_rehearsal_config_fails_before_anything_is_built(tmp_path, monkeypatch, field,
                                                              value, expected):
     from wamglm_jax.train import stage2

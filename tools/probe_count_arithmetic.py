@@ -3,7 +3,7 @@ the arithmetic ceiling of the share-first count answer.
 
     python -m tools.probe_count_arithmetic --config=configs/benchmark_qa.py:cpu
         [--num_maps=20000] [--steps=1500] [--batch_size=32] [--eval_every=500]
-        [--num_eval=500] [--seed=0] [--json=OUT]
+        [--num_eval=500] [--seed=0] [--pack=1] [--context=0] [--json=OUT]
 
 The share-first count answer reads "8.4% of the 2046 dies fail, which is 171 dies.": the model
 writes the failing share (read from the image) and copies the die count (from the context line)
@@ -15,7 +15,16 @@ trains on the sentences of --num_maps generated maps, the loss on the count and 
 words only, and scores the greedy count on --num_eval maps of another seed with the QA scorer
 (within 10%, or 1 die below 10). No image and no dialogue: the perfect-reading ceiling, to set
 against the run's figure at the same number of count answers seen (steps x batch_size here).
-Prints a table (one row per evaluation); the last line is the same as JSON (also --json).
+
+Does the skill depend on where the sentence sits? Inside a dialogue the count sentence comes
+after the image tokens, the context lines and earlier answers full of other numbers; here it
+starts right after BOS. --context=0,3 scores each evaluation sentence after 0 and after 3
+whole sentences of other evaluation maps (other numbers, the prompt further along), one column
+each; --pack=K trains on rows of K sentences one after another (the loss on every count), the
+same --batch_size sentences per step in batch_size/K rows (README "The product, text alone").
+Prints a table (one row per evaluation); the last line is the same as JSON (also --json):
+each row's `by_context` holds {within_tol, exact} per context, and its `within_tol` and
+`exact` are those of the first context listed.
 """
 from __future__ import annotations
 
@@ -36,7 +45,7 @@ from wamglm_jax.losses.lm import lm_loss
 from wamglm_jax.models.decoder import Decoder
 from wamglm_jax.qa.tokenizer import train_tokenizer
 from wamglm_jax.train.lm_warmup import (SentenceBatches, encode_sentences, make_greedy,
-                                        product_pairs, score_counts, split_sentence)
+                                        pack_pairs, product_pairs, score_counts, split_sentence)
 from wamglm_jax.train.optim import make_optimizer
 
 
@@ -44,6 +53,17 @@ def count_pairs(num: int, seed: int) -> np.ndarray:
     """int[num,2] (failing, total) of `num` generated WM-811K-like maps (balanced classes)."""
     data = generate(num, seed=seed, lot_prefix=f"probe{seed}-lot")
     return product_pairs(data.maps, zones=False)
+
+
+SENTENCE_TOKENS = 30    # tokens per sentence, with room: "8.4% of the 2046 dies ..." is ~22
+
+
+def context_rows(pairs: np.ndarray, context: int) -> np.ndarray:
+    """int[M,2] -> int[M,context+1,2]: row i is `context` other maps' sentences (i+1, i+2, ...,
+    wrapping) and then map i's, the one scored."""
+    i = np.arange(len(pairs))[:, None]
+    idx = np.concatenate([(i + 1 + np.arange(context)[None]) % len(pairs), i], axis=1)
+    return pairs[idx]
 
 
 def main(argv=None) -> dict:
@@ -55,11 +75,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval_every", type=int, default=500)
     ap.add_argument("--num_eval", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pack", type=int, default=1)
+    ap.add_argument("--context", default="0")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
-    for name in ("num_maps", "steps", "batch_size", "eval_every", "num_eval"):
+    for name in ("num_maps", "steps", "batch_size", "eval_every", "num_eval", "pack"):
         if getattr(args, name) < 1:
             ap.error(f"--{name}={getattr(args, name)}: expected a positive integer")
+    if args.batch_size % args.pack:
+        ap.error(f"--batch_size={args.batch_size} is not a multiple of --pack={args.pack} "
+                 "(sentences per step in rows of --pack sentences)")
+    try:
+        contexts = [int(c) for c in args.context.split(",")]
+    except ValueError:
+        contexts = [-1]
+    if not contexts or min(contexts) < 0 or len(set(contexts)) != len(contexts):
+        ap.error(f"--context={args.context}: expected distinct integers >= 0, comma-separated "
+                 "(sentences before each scored one)")
+    if max(contexts) >= args.num_eval:
+        ap.error(f"--context={args.context}: needs more than {max(contexts)} evaluation maps "
+                 f"(--num_eval={args.num_eval}): the context sentences are other maps'")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         ap.error(f"--json={args.json}: its directory does not exist (checked before training, "
                  "so no result is lost)")
@@ -77,11 +112,13 @@ def main(argv=None) -> dict:
     tok = train_tokenizer([prompt + target for prompt, target in
                            (split_sentence(f, n) for f, n in train_pairs)],
                           vocab_size=config.stage2.vocab_size)
-    max_len = 32
-    train_toks, train_mask, _, train_len = encode_sentences(tok, train_pairs, max_len)
-    eval_toks, _, eval_plen, _ = encode_sentences(tok, eval_pairs, max_len)
-    batches = SentenceBatches(train_toks, train_mask, train_len, global_batch_size=args.batch_size,
-                              seed=args.seed)
+    rows_train = pack_pairs(train_pairs, args.pack, args.seed)    # int[M/K,K,2]
+    train_toks, train_mask, _, train_len = encode_sentences(
+        tok, rows_train, 2 + SENTENCE_TOKENS * args.pack)
+    evals = {c: encode_sentences(tok, context_rows(eval_pairs, c), 2 + SENTENCE_TOKENS * (c + 1))
+             for c in contexts}
+    batches = SentenceBatches(train_toks, train_mask, train_len,
+                              global_batch_size=args.batch_size // args.pack, seed=args.seed)
 
     # ------------------------------------------------------------------ model
     model_cfg = config.model.copy_and_resolve_references()
@@ -106,22 +143,27 @@ def main(argv=None) -> dict:
 
     # ------------------------------------------------------------------ train and score
     rows, start = [], time.time()
-    print("| step | count answers seen | train loss | count within tolerance | exact | wall s |\n"
-          "|---|---|---|---|---|---|")
+    heads = " | ".join(f"within tolerance after {c} / exact" for c in contexts)
+    print(f"| step | count answers seen | train loss | {heads} | wall s |\n"
+          f"|---|---|---|{'---|' * len(contexts)}---|")
     for step in range(1, args.steps + 1):
         b = next(batches)
         params, opt_state, loss = train_step(params, opt_state, b["tokens"], b["loss_mask"],
                                              b["attention_mask"])
         if step % args.eval_every == 0 or step == args.steps:
+            by_context = {str(c): score_counts(greedy(params, toks, plen), tok, plen, eval_pairs)
+                          for c, (toks, _, plen, _) in evals.items()}
             row = {"step": step, "seen": step * args.batch_size, "loss": float(loss),
-                   **score_counts(greedy(params, eval_toks, eval_plen), tok, eval_plen,
-                                  eval_pairs),
+                   **by_context[str(contexts[0])], "by_context": by_context,
                    "wall_s": round(time.time() - start, 1)}
             rows.append(row)
-            print(f"| {step} | {row['seen']} | {row['loss']:.3f} | {row['within_tol']:.1%} | "
-                  f"{row['exact']:.1%} | {row['wall_s']} |", flush=True)
+            cells = " | ".join(f"{v['within_tol']:.1%} / {v['exact']:.1%}"
+                               for v in by_context.values())
+            print(f"| {step} | {row['seen']} | {row['loss']:.3f} | {cells} | {row['wall_s']} |",
+                  flush=True)
     result = {"config": args.config, "lm_params": int(n_params), "vocab": len(tok),
-              "num_maps": args.num_maps, "num_eval": args.num_eval, "rows": rows}
+              "num_maps": args.num_maps, "num_eval": args.num_eval, "pack": args.pack,
+              "contexts": contexts, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -127,7 +127,8 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
                                     # workdir/stage2_lm_warmup); off: README
                                     # "LM warm-up" (3,000 steps: 97.8% on text, then
                                     # worse answers after stage 2, one run)
-        product_rehearsal=dict(weight=0.0, batch_size=32, zones=True, max_len=32, num_eval=500),
+        product_rehearsal=dict(weight=0.0, batch_size=32, zones=True, max_len=32, num_eval=500,
+                               pack=1),
                                     # weight > 0: every stage-2 step adds weight x the LM's
                                     # loss on a batch of the warm-up's product sentences (text
                                     # only) to the dialogue loss, one objective and one clipped
@@ -136,7 +137,11 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
                                     # of num_eval eval-split maps' sentences (the report's
                                     # product_rehearsal entry); off: README "Product
                                     # rehearsal" (weight 1: 93.6% on text, numeric 43.9%
-                                    # and the die count no longer copied, one run)
+                                    # and the die count no longer copied, one run).
+                                    # pack > 1: rows of `pack` sentences (batch_size rows a
+                                    # step; max_len then ~24 x pack), so the product is not
+                                    # learnt only right after BOS (README "The product,
+                                    # text alone"; packed rehearsal not yet run)
         align=dict(num_steps=0, learning_rate=1e-3, log_every=20),
         eval=dict(split="val", num_maps=200, max_new_tokens=96, batch_size=16, num_examples=3,
                   baseline=True),
@@ -381,17 +386,19 @@ def rehearse_products(s2, dialogue_batches, tok, splits, train_indices, seed):
     if not len(pairs):
         raise ValueError("config.stage2.product_rehearsal: the training maps have no dies, so "
                          "there is no product sentence to rehearse")
+    rows = lm_warmup.pack_pairs(pairs, int(r.pack), seed + 17)        # int[M/K,K,2]
     toks, mask, _, lens = lm_warmup.encode_sentences(
-        tok, pairs, int(r.max_len), int(tok.pad_token_id),
+        tok, rows, int(r.max_len), int(tok.pad_token_id),
         field="config.stage2.product_rehearsal.max_len")
     sentences = lm_warmup.SentenceBatches(toks, mask, lens, global_batch_size=int(r.batch_size),
                                           seed=seed + 13, process_index=jax.process_index(),
                                           process_count=jax.process_count())
-    logging.info("stage2: product rehearsal on %d sentences (zones %s), %d per step, weight %.2f",
-                 len(pairs), bool(r.zones), int(r.batch_size), float(r.weight))
+    logging.info("stage2: product rehearsal on %d sentences (zones %s) in rows of %d, %d rows "
+                 "per step, weight %.2f", len(pairs), bool(r.zones), int(r.pack),
+                 int(r.batch_size), float(r.weight))
     return (lm_warmup.WithSentences(dialogue_batches, sentences),
             dict(weight=float(r.weight), sentences=len(pairs), batch_size=int(r.batch_size),
-                 zones=bool(r.zones)))
+                 zones=bool(r.zones), pack=int(r.pack)))
 
 
 def score_rehearsal(s2, lm_params, model_cfg, tok, splits, seed, mesh, rules) -> dict:
