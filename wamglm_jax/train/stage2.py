@@ -139,7 +139,7 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
                                     # rehearsal" (weight 1: 93.6% on text, numeric 43.9%
                                     # and the die count no longer copied, one run).
                                     # pack > 1: rows of `pack` sentences (batch_size rows a
-                                    # step; max_len then ~24 x pack), so the product is not
+                                    # step; max_len up to 30 x pack + 2), so the product is not
                                     # learnt only right after BOS (README "The product,
                                     # text alone"; packed rehearsal not yet run)
         align=dict(num_steps=0, learning_rate=1e-3, log_every=20),
