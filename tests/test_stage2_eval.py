@@ -226,6 +226,10 @@ def test_report_markdown_lists_every_kind(data):
     assert cd["n_stated"] > 0 and cd["share_stated_within_tol"] == 1.0
     assert cd["product_within_tol"] == 1.0 and cd["exact_product_accuracy"] == 1.0
     assert f"Share-first answers ({cd['n_stated']}): stated share within 10% 100.0%" in md
+    zd = s["zone_diagnostics"]
+    assert zd["n_count_answers"] == s["by_kind"]["zone_extent"]["n"] > 0
+    assert f"Zone counts ({zd['n_count_answers']} answers): the zone's die total right" in md
+    assert f"{100 * zd['die_count_copied']:.1f}%" in md.split("Zone counts (")[1]
     for kind, v in s["by_kind"].items():
         assert f"| {kind} | {100 * v['accuracy']:.1f}% | {v['n']} |" in md
         # training / held-out phrasing columns, recounted from the records

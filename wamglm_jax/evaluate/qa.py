@@ -152,9 +152,9 @@ def generate_answers(generator, tok, items: Sequence[dict], images: Callable[[in
 
 def summarize(records: Sequence[dict]) -> dict:
     """{'by_kind': {kind: {accuracy, n}}, 'dialogue_accuracy', 'turn_accuracy', 'n_dialogues',
-    'count_diagnostics', 'zone_diagnostics', 'heldout': {...same for held-out items}, 'seen': {...training
-    phrasings}, 'heldout_phrasings': [{kind, phrasing, accuracy, n}] per held-out question
-    template}. With only a few held-out phrasings per kind, one phrasing the model misreads
+    'count_diagnostics', 'zone_diagnostics', 'heldout': {...same for held-out items}, 'seen':
+    {...training phrasings}, 'heldout_phrasings': [{kind, phrasing, accuracy, n}] per held-out
+    question template}. With only a few held-out phrasings per kind, one phrasing the model misreads
     moves the held-out figure by a third; the per-phrasing list shows which."""
     def part(recs):
         by = defaultdict(list)
