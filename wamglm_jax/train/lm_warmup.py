@@ -105,9 +105,10 @@ def product_pairs(maps: Sequence[np.ndarray], indices=None, zones: bool = True) 
 def pack_pairs(pairs: np.ndarray, pack: int, seed: int) -> np.ndarray:
     """int[M,2] -> int[M // pack, pack, 2]: the pairs in a seeded random order, `pack` to a row
     (the last M % pack left out; pack 1: the pairs as they are, one to a row), so that each
-    sentence is learnt at several places in a row rather than only right after BOS (tools/probe_count_arithmetic --pack/--context: trained
-    only at BOS, the LM's count after three other sentences is within tolerance for 5% of
-    maps; trained packed, for about as many as alone)."""
+    sentence is learnt at several places in a row rather than only right after BOS
+    (tools/probe_count_arithmetic --pack/--context: trained only at BOS, the LM's count after
+    three other sentences is within tolerance for 5% of maps; trained packed, for about as
+    many as alone)."""
     pairs = np.asarray(pairs, np.int64)
     if pack == 1:
         return pairs[:, None]                 # batches are drawn at random anyway
