@@ -58,3 +58,9 @@ def test_bad_arguments_are_named(flag, message, capsys):
         probe.main([flag])
     text = str(err.value) + capsys.readouterr().err
     assert message in text
+
+
+def test_pack_larger_than_the_sentences_is_named(capsys):
+    with pytest.raises(SystemExit):
+        probe.main(["--num_maps=3", "--pack=4", "--batch_size=4", "--steps=1"])
+    assert "--pack=4: the 3 maps give 3 sentences, fewer than one row" in capsys.readouterr().err

@@ -175,6 +175,13 @@ def test_rehearse_products_packs_rows_of_sentences():
     split.maps = maps
     it, info = stage2.rehearse_products(s2, _Counting(), tok, {"train": split}, None, seed=0)
     assert info == dict(weight=1.0, sentences=6, batch_size=4, zones=False, pack=2)
+    s2.product_rehearsal.update(pack=4, max_len=128)     # 6 sentences: one row, 2 left out
+    assert stage2.rehearse_products(s2, _Counting(), tok, {"train": split}, None,
+                                    seed=0)[1]["sentences"] == 4
+    s2.product_rehearsal.pack = 7
+    with pytest.raises(ValueError, match=r"product_rehearsal.pack=7: the training maps give 6 "
+                                         r"product sentences, fewer than one row"):
+        stage2.rehearse_products(s2, _Counting(), tok, {"train": split}, None, seed=0)
     batch = next(it)["sentences"]
     texts = {"".join(lm_warmup.split_sentence(f, n)) for f, n in pairs}
     for row, m, a in zip(batch["tokens"], batch["loss_mask"], batch["attention_mask"]):

@@ -108,6 +108,9 @@ def main(argv=None) -> dict:
 
     # ------------------------------------------------------------------ data
     train_pairs = count_pairs(args.num_maps, args.seed)
+    if len(train_pairs) < args.pack:
+        ap.error(f"--pack={args.pack}: the {args.num_maps} maps give {len(train_pairs)} "
+                 "sentences, fewer than one row")
     eval_pairs = count_pairs(args.num_eval, args.seed + 1000)
     tok = train_tokenizer([prompt + target for prompt, target in
                            (split_sentence(f, n) for f, n in train_pairs)],

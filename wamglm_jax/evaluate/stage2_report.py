@@ -126,7 +126,8 @@ def report_markdown(r: dict) -> str:
     if pr:
         last = (r.get("history") or [{}])[-1]
         lines.append(f"- product rehearsal: weight {pr['weight']} x the LM's loss on "
-                     f"{pr['batch_size']} of {pr['sentences']} product sentences per step "
+                     f"{pr['batch_size'] * pr.get('pack', 1)} of {pr['sentences']} product "
+                     f"sentences per step (rows of {pr.get('pack', 1)}) "
                      f"(the final train loss includes it; last logged dialogue CE "
                      f"{last.get('ce')}, sentence CE {last.get('product_ce')})"
                      + (f"; afterwards the LM alone writes the count within tolerance on "

@@ -134,8 +134,8 @@ def encode_sentences(tok, pairs, max_len: int, pad_id: int = 0, field: str = "ma
     pad_id), loss_mask int32[M,L] (1 on every sentence's target and on the EOS: lm_loss's
     convention), prompt lengths int32[M] (the tokens before the last sentence's target, with
     BOS: where a greedy count of that sentence starts), lengths int32[M]. Sentences are
-    tokenized one by one and their ids concatenated, so a packed sentence has the same ids as
-    alone. `field` names max_len in the error when a row is longer."""
+    tokenized one by one and their ids concatenated with no separator ("... 171 dies.8.4% of
+    ..."), so a packed sentence has the same ids as alone. `field` names max_len in the error when a row is longer."""
     pairs = np.asarray(pairs, np.int64)
     if pairs.ndim not in (2, 3) or pairs.shape[-1] != 2:
         raise ValueError(f"encode_sentences: pairs of shape {pairs.shape}; expected [M,2] or "

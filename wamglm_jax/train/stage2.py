@@ -383,9 +383,10 @@ def rehearse_products(s2, dialogue_batches, tok, splits, train_indices, seed):
     maps' product sentences each (lm_warmup.WithSentences). -> (iterator, info)."""
     r = s2.product_rehearsal
     pairs = lm_warmup.product_pairs(splits["train"].maps, train_indices, zones=bool(r.zones))
-    if not len(pairs):
-        raise ValueError("config.stage2.product_rehearsal: the training maps have no dies, so "
-                         "there is no product sentence to rehearse")
+    if len(pairs) < int(r.pack):
+        raise ValueError(f"config.stage2.product_rehearsal.pack={int(r.pack)}: the training "
+                         f"maps give {len(pairs)} product sentences, fewer than one row (maps "
+                         "without dies give none)")
     rows = lm_warmup.pack_pairs(pairs, int(r.pack), seed + 17)        # int[M/K,K,2]
     toks, mask, _, lens = lm_warmup.encode_sentences(
         tok, rows, int(r.max_len), int(tok.pad_token_id),
@@ -394,10 +395,10 @@ def rehearse_products(s2, dialogue_batches, tok, splits, train_indices, seed):
                                           seed=seed + 13, process_index=jax.process_index(),
                                           process_count=jax.process_count())
     logging.info("stage2: product rehearsal on %d sentences (zones %s) in rows of %d, %d rows "
-                 "per step, weight %.2f", len(pairs), bool(r.zones), int(r.pack),
+                 "per step, weight %.2f", rows.size // 2, bool(r.zones), int(r.pack),
                  int(r.batch_size), float(r.weight))
     return (lm_warmup.WithSentences(dialogue_batches, sentences),
-            dict(weight=float(r.weight), sentences=len(pairs), batch_size=int(r.batch_size),
+            dict(weight=float(r.weight), sentences=rows.size // 2, batch_size=int(r.batch_size),
                  zones=bool(r.zones), pack=int(r.pack)))
 
 
