@@ -61,6 +61,48 @@ def test_encode_packed_rows_are_the_sentences_one_after_another(tok):
         lm_warmup.encode_sentences(tok, np.zeros((4, 3), np.int64), max_len=32)
 
 
+def test_encode_with_the_die_line_learns_the_copied_total_and_the_count(tok):
+    """die_line: each row reads "The wafer has N dies.\n" + the sentence; the loss covers
+    the N copied into the sentence, the count and the EOS, nothing else; plen is where the
+    count starts. Checked by decoding the runs of the mask, packed and alone."""
+    toks, mask, plen, lens = lm_warmup.encode_sentences(tok, PAIRS, max_len=48, die_line=True)
+    for row, m, p, n, (f, total) in zip(toks, mask, plen, lens, PAIRS):
+        prompt, target = lm_warmup.split_sentence(f, total)
+        assert tok.decode(row[1:n - 1]) == f"The wafer has {total} dies.\n{prompt}{target}"
+        runs = np.flatnonzero(np.diff(np.concatenate([[0], m, [0]])))
+        starts, ends = runs[::2], runs[1::2]
+        assert [tok.decode(row[a:b]) for a, b in zip(starts, ends)] == [
+            f" {total}", target + tok.eos_token]
+        assert ends[-1] == n and starts[-1] == p
+        assert tok.decode(row[1:p]) == f"The wafer has {total} dies.\n{prompt}"
+    rows = np.asarray(PAIRS[:4]).reshape(2, 2, 2)
+    packed, packed_mask, packed_plen, _ = lm_warmup.encode_sentences(tok, rows, max_len=96,
+                                                                     die_line=True)
+    one_body = [toks[k, 1:lens[k] - 1] for k in range(4)]
+    for r in range(2):
+        body = np.concatenate(one_body[2 * r:2 * r + 2])
+        assert (packed[r, 1:1 + len(body)] == body).all()
+        assert packed_mask[r].sum() == mask[2 * r].sum() + mask[2 * r + 1].sum() - 1
+        assert packed_plen[r] == len(one_body[2 * r]) + plen[2 * r + 1]
+
+
+def test_sentence_segments_and_a_tokenizer_that_merges_across_them():
+    assert lm_warmup.sentence_segments(171, 2046) == [
+        ("8.4% of the 2046 dies fail, which is", False), (" 171 dies.", True)]
+    segs = lm_warmup.sentence_segments(171, 2046, die_line=True)
+    assert segs == [("The wafer has 2046 dies.\n8.4% of the", False), (" 2046", True),
+                    (" dies fail, which is", False), (" 171 dies.", True)]
+
+    class WholeText:        # one id per text: every boundary is merged away
+        bos_token_id, eos_token_id = 1, 2
+
+        def encode(self, text, add_special_tokens=False):
+            return [len(text)]
+    with pytest.raises(ValueError, match=r"tokenizer splits .* across a loss boundary before "
+                                         r"' 2046'"):
+        lm_warmup.encode_sentences(WholeText(), [(171, 2046)], max_len=16, die_line=True)
+
+
 def test_encode_rejects_a_too_short_buffer(tok):
     with pytest.raises(ValueError, match="max_len=8"):
         lm_warmup.encode_sentences(tok, PAIRS, max_len=8)

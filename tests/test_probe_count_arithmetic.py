@@ -21,13 +21,17 @@ def test_main_trains_and_writes_json(tmp_path):
                                            "exact": row["exact"]}}
 
 
-def test_packed_training_and_scores_after_context(tmp_path):
+@pytest.mark.parametrize("die_line", [False, True])
+def test_packed_training_and_scores_after_context(tmp_path, die_line):
     """--pack=2 trains on rows of two sentences (batch_size sentences a step); --context=2,0
-    scores each sentence after two others and alone, the first listed in within_tol/exact."""
+    scores each sentence after two others and alone, the first listed in within_tol/exact;
+    --die_line puts each sentence after its die count line (the rows still fit)."""
     result = probe.main(["--steps=2", "--eval_every=2", "--num_maps=100", "--num_eval=8",
-                         "--batch_size=8", "--pack=2", "--context=2,0"])
+                         "--batch_size=8", "--pack=2", "--context=2,0"]
+                        + ["--die_line"] * die_line)
     row = result["rows"][0]
     assert result["pack"] == 2 and result["contexts"] == [2, 0] and row["seen"] == 16
+    assert result["die_line"] is die_line
     assert set(row["by_context"]) == {"2", "0"}
     assert row["within_tol"] == row["by_context"]["2"]["within_tol"]
 

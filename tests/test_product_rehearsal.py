@@ -167,14 +167,16 @@ def test_rehearse_products_packs_rows_of_sentences():
     tok = train_tokenizer(["".join(lm_warmup.split_sentence(f, n)) for f, n in pairs],
                           vocab_size=300)
     s2 = ml_collections.ConfigDict(dict(product_rehearsal=dict(
-        weight=1.0, batch_size=4, zones=False, max_len=64, num_eval=0, pack=2)))
+        weight=1.0, batch_size=4, zones=False, max_len=64, num_eval=0, pack=2,
+        die_line=False)))
 
     class Split:
         pass
     split = Split()
     split.maps = maps
     it, info = stage2.rehearse_products(s2, _Counting(), tok, {"train": split}, None, seed=0)
-    assert info == dict(weight=1.0, sentences=6, batch_size=4, zones=False, pack=2)
+    assert info == dict(weight=1.0, sentences=6, batch_size=4, zones=False, pack=2,
+                        die_line=False)
     s2.product_rehearsal.update(pack=4, max_len=128)     # 6 sentences: one row, 2 left out
     assert stage2.rehearse_products(s2, _Counting(), tok, {"train": split}, None,
                                     seed=0)[1]["sentences"] == 4
@@ -189,6 +191,18 @@ def test_rehearse_products_packs_rows_of_sentences():
         assert len(runs) == 2                       # two counts (the second with the EOS)
         body = tok.decode(row[1:a.sum() - 1])
         found = [t for t in texts if t in body]
+        assert len(found) == 2 and len(body) == sum(map(len, found))
+    s2.product_rehearsal.update(pack=2, max_len=96, die_line=True)
+    it, info = stage2.rehearse_products(s2, _Counting(), tok, {"train": split}, None, seed=0)
+    assert info["die_line"] is True and info["sentences"] == 6
+    lined = {"The wafer has %d dies.\n%s" % (n, "".join(lm_warmup.split_sentence(f, n)))
+             for f, n in pairs}
+    batch = next(it)["sentences"]
+    for row, m, a in zip(batch["tokens"], batch["loss_mask"], batch["attention_mask"]):
+        runs = np.flatnonzero(np.diff(np.concatenate([[0], m, [0]])) == 1)
+        assert len(runs) == 4                       # per sentence: the copied total, the count
+        body = tok.decode(row[1:a.sum() - 1])
+        found = [t for t in lined if t in body]
         assert len(found) == 2 and len(body) == sum(map(len, found))
 
 

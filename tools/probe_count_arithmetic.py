@@ -3,7 +3,7 @@ the arithmetic ceiling of the share-first count answer.
 
     python -m tools.probe_count_arithmetic --config=configs/benchmark_qa.py:cpu
         [--num_maps=20000] [--steps=1500] [--batch_size=32] [--eval_every=500]
-        [--num_eval=500] [--seed=0] [--pack=1] [--context=0] [--json=OUT]
+        [--num_eval=500] [--seed=0] [--pack=1] [--context=0] [--die_line] [--json=OUT]
 
 The share-first count answer reads "8.4% of the 2046 dies fail, which is 171 dies.": the model
 writes the failing share (read from the image) and copies the die count (from the context line)
@@ -22,6 +22,9 @@ starts right after BOS. --context=0,3 scores each evaluation sentence after 0 an
 whole sentences of other evaluation maps (other numbers, the prompt further along), one column
 each; --pack=K trains on rows of K sentences one after another (the loss on every count), the
 same --batch_size sentences per step in batch_size/K rows (README "The product, text alone").
+--die_line puts each sentence after its die count line ("The wafer has 2046 dies.") and adds
+the total copied from it to the loss, in training and evaluation (stage 2's
+product_rehearsal.die_line): the copy and the product together, as the answers need them.
 Prints a table (one row per evaluation); the last line is the same as JSON (also --json):
 each row's `by_context` holds {within_tol, exact} per context, and its `within_tol` and
 `exact` are those of the first context listed.
@@ -45,7 +48,8 @@ from wamglm_jax.losses.lm import lm_loss
 from wamglm_jax.models.decoder import Decoder
 from wamglm_jax.qa.tokenizer import train_tokenizer
 from wamglm_jax.train.lm_warmup import (SentenceBatches, encode_sentences, make_greedy,
-                                        pack_pairs, product_pairs, score_counts, split_sentence)
+                                        pack_pairs, product_pairs, score_counts,
+                                        sentence_segments)
 from wamglm_jax.train.optim import make_optimizer
 
 
@@ -56,6 +60,7 @@ def count_pairs(num: int, seed: int) -> np.ndarray:
 
 
 SENTENCE_TOKENS = 30    # tokens per sentence, with room: "8.4% of the 2046 dies ..." is ~22
+LINE_TOKENS = 12        # more with --die_line: "The wafer has 2046 dies.\n" is ~9
 
 
 def context_rows(pairs: np.ndarray, context: int) -> np.ndarray:
@@ -77,6 +82,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pack", type=int, default=1)
     ap.add_argument("--context", default="0")
+    ap.add_argument("--die_line", action="store_true")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     for name in ("num_maps", "steps", "batch_size", "eval_every", "num_eval", "pack"):
@@ -112,13 +118,14 @@ def main(argv=None) -> dict:
         ap.error(f"--pack={args.pack}: the {args.num_maps} maps give {len(train_pairs)} "
                  "sentences, fewer than one row")
     eval_pairs = count_pairs(args.num_eval, args.seed + 1000)
-    tok = train_tokenizer([prompt + target for prompt, target in
-                           (split_sentence(f, n) for f, n in train_pairs)],
-                          vocab_size=config.stage2.vocab_size)
+    tok = train_tokenizer(["".join(t for t, _ in sentence_segments(f, n, args.die_line))
+                           for f, n in train_pairs], vocab_size=config.stage2.vocab_size)
+    per_sentence = SENTENCE_TOKENS + LINE_TOKENS * args.die_line
     rows_train = pack_pairs(train_pairs, args.pack, args.seed)    # int[M/K,K,2]
     train_toks, train_mask, _, train_len = encode_sentences(
-        tok, rows_train, 2 + SENTENCE_TOKENS * args.pack)
-    evals = {c: encode_sentences(tok, context_rows(eval_pairs, c), 2 + SENTENCE_TOKENS * (c + 1))
+        tok, rows_train, 2 + per_sentence * args.pack, die_line=args.die_line)
+    evals = {c: encode_sentences(tok, context_rows(eval_pairs, c), 2 + per_sentence * (c + 1),
+                                 die_line=args.die_line)
              for c in contexts}
     batches = SentenceBatches(train_toks, train_mask, train_len,
                               global_batch_size=args.batch_size // args.pack, seed=args.seed)
@@ -166,6 +173,7 @@ def main(argv=None) -> dict:
                   flush=True)
     result = {"config": args.config, "lm_params": int(n_params), "vocab": len(tok),
               "num_maps": args.num_maps, "num_eval": args.num_eval, "pack": args.pack,
+              "die_line": args.die_line,
               "contexts": contexts, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:

@@ -127,7 +127,8 @@ def report_markdown(r: dict) -> str:
         last = (r.get("history") or [{}])[-1]
         lines.append(f"- product rehearsal: weight {pr['weight']} x the LM's loss on "
                      f"{pr['batch_size'] * pr.get('pack', 1)} of {pr['sentences']} product "
-                     f"sentences per step (rows of {pr.get('pack', 1)}) "
+                     f"sentences per step (rows of {pr.get('pack', 1)}"
+                     + (", each after its die count line" if pr.get("die_line") else "") + ") "
                      f"(the final train loss includes it; last logged dialogue CE "
                      f"{last.get('ce')}, sentence CE {last.get('product_ce')})"
                      + (f"; afterwards the LM alone writes the count within tolerance on "

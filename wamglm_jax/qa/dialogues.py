@@ -120,6 +120,11 @@ def context_line(context: dict | None) -> str | None:
     return f"{head} Other wafers of this lot: {n} measured, {k} with failure patterns{detail}."
 
 
+def die_total_line(n: int) -> str:
+    """The die count line without zones, "The wafer has N dies."."""
+    return f"The wafer has {n} dies."
+
+
 def die_count_line(m: np.ndarray, zone_dies: bool = False) -> str:
     """"The wafer has N dies." for map uint8[H,W] (N = cells > 0, as facts.compute_facts).
     zone_dies (zone_form='share_first'): also the dies per radial zone, "The wafer has 2046
@@ -127,7 +132,7 @@ def die_count_line(m: np.ndarray, zone_dies: bool = False) -> str:
     a zone answer's share has a die total to apply to, as the count answer has N."""
     n = int(np.count_nonzero(np.asarray(m)))
     if not zone_dies:
-        return f"The wafer has {n} dies."
+        return die_total_line(n)
     zones = F.compute_facts(m)["zones"]
     parts = [f"{zones[z]['dies']} {'at' if z == 'edge' else 'in'} {ZONE_TEXT[z]}"
              for z in ("center", "middle", "edge")]

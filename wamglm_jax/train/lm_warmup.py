@@ -24,7 +24,10 @@ their LM-only loss to the dialogue loss (stage2.make_train_step), so the product
 beside the dialogues instead of before them. Measured (README "Product rehearsal", one `:cpu`
 run, weight 1): the LM alone then writes the count within tolerance for 93.6% of held-out
 sentences, but as after the warm-up the answers stop copying the die count from the context
-(2.4%) and numeric answers fall to 43.9%, so it is off by default.
+(2.4%) and numeric answers fall to 43.9%, so it is off by default. Its `pack` puts several
+sentences in a row (the product learnt away from BOS too); its `die_line` puts each sentence
+after its die count line and adds the copied total to the loss, so that the sentences train
+the copy the answers make instead of a total that is simply there.
 
 The sentence helpers, the batches and the scorer are shared with tools/probe_count_arithmetic.
 """
@@ -43,6 +46,7 @@ from wamglm_jax.losses.lm import lm_loss
 from wamglm_jax.models.decoder import Decoder
 from wamglm_jax.parallel.sharding import activate, process_rows, replicated
 from wamglm_jax.qa.answers import render_answer
+from wamglm_jax.qa.dialogues import die_total_line
 from wamglm_jax.qa.facts import compute_facts
 from wamglm_jax.train.loop import check_positive_number
 
@@ -128,14 +132,49 @@ def split_sentence(failing: int, total: int) -> tuple[str, str]:
     return head + sep, tail
 
 
-def encode_sentences(tok, pairs, max_len: int, pad_id: int = 0, field: str = "max_len"):
+def sentence_segments(failing: int, total: int, die_line: bool = False
+                      ) -> list[tuple[str, bool]]:
+    """The product sentence as (text, in the loss) pieces whose concatenation is the sentence:
+    [(prompt, False), (target, True)]. With `die_line`, the die count line of the dialogues'
+    context comes first and the total copied from it is learnt too: [("The wafer has N
+    dies.\n8.4% of the", False), (" N", True), (" dies fail, which is", False), (target,
+    True)], as a share-first count answer copies N from its context line."""
+    prompt, target = split_sentence(failing, total)
+    if not die_line:
+        return [(prompt, False), (target, True)]
+    head, sep, rest = prompt.partition(f" of the {int(total)} ")
+    if not sep:
+        raise ValueError(f"count answer prompt {prompt!r} lacks ' of the {int(total)} ': the "
+                         "share-first form changed")
+    return [(f"{die_total_line(int(total))}\n{head} of the", False), (f" {int(total)}", True),
+            (f" {rest}", False), (target, True)]
+
+
+def _segment_ids(tok, segments) -> list[tuple[list[int], bool]]:
+    """Each segment's ids, tokenized as part of the whole sentence; ValueError when the
+    tokenizer merges tokens across a segment boundary (the loss would cover the wrong ids)."""
+    out, text, done = [], "", []
+    for piece, loss in segments:
+        text += piece
+        ids = tok.encode(text, add_special_tokens=False)
+        if ids[:len(done)] != done:
+            raise ValueError(f"tokenizer splits {text!r} across a loss boundary before "
+                             f"{piece!r}")
+        out.append((ids[len(done):], loss))
+        done = ids
+    return out
+
+
+def encode_sentences(tok, pairs, max_len: int, pad_id: int = 0, field: str = "max_len",
+                     die_line: bool = False):
     """pairs int[M,2] (one sentence a row) or int[M,K,2] (K sentences packed in a row, one
-    after another) -> tokens int32[M,L] (BOS, each sentence's prompt and target, EOS, then
-    pad_id), loss_mask int32[M,L] (1 on every sentence's target and on the EOS: lm_loss's
-    convention), prompt lengths int32[M] (the tokens before the last sentence's target, with
-    BOS: where a greedy count of that sentence starts), lengths int32[M]. Sentences are
-    tokenized one by one and their ids concatenated with no separator ("... 171 dies.8.4% of
-    ..."), so a packed sentence has the same ids as alone. `field` names max_len in the error when a row is longer."""
+    after another) -> tokens int32[M,L] (BOS, each sentence (sentence_segments), EOS, then
+    pad_id), loss_mask int32[M,L] (1 on every sentence's target, on its copied total with
+    `die_line`, and on the EOS: lm_loss's convention), prompt lengths int32[M] (the tokens
+    before the last sentence's target, with BOS: where a greedy count of that sentence starts),
+    lengths int32[M]. Sentences are tokenized one by one and their ids concatenated with no
+    separator ("... 171 dies.8.4% of ..."), so a packed sentence has the same ids as alone.
+    `field` names max_len in the error when a row is longer."""
     pairs = np.asarray(pairs, np.int64)
     if pairs.ndim not in (2, 3) or pairs.shape[-1] != 2:
         raise ValueError(f"encode_sentences: pairs of shape {pairs.shape}; expected [M,2] or "
@@ -147,25 +186,22 @@ def encode_sentences(tok, pairs, max_len: int, pad_id: int = 0, field: str = "ma
     plen = np.zeros(len(pairs), np.int32)
     lens = np.zeros(len(pairs), np.int32)
     for i, row in enumerate(pairs):
-        ids, targets = [tok.bos_token_id], []
+        ids, spans = [tok.bos_token_id], []
         for f, n in row:
-            prompt, target = split_sentence(f, n)
-            p_ids = tok.encode(prompt, add_special_tokens=False)
-            s_ids = tok.encode(prompt + target, add_special_tokens=False)
-            if s_ids[:len(p_ids)] != p_ids:
-                raise ValueError(f"tokenizer splits {prompt + target!r} across the prompt "
-                                 "boundary")
-            targets.append((len(ids) + len(p_ids), len(ids) + len(s_ids)))
-            ids += s_ids
+            for seg, loss in _segment_ids(tok, sentence_segments(f, n, die_line)):
+                if loss:
+                    spans.append((len(ids), len(ids) + len(seg)))
+                ids += seg
         ids.append(tok.eos_token_id)
         if len(ids) > max_len:
-            text = " ".join("".join(split_sentence(f, n)) for f, n in row)
+            text = " ".join("".join(t for t, _ in sentence_segments(f, n, die_line))
+                            for f, n in row)
             raise ValueError(f"{text!r}: {len(ids)} tokens > {field}={max_len}")
         toks[i, :len(ids)] = ids
-        for a, b in targets:
+        for a, b in spans:
             mask[i, a:b] = 1
         mask[i, len(ids) - 1] = 1
-        plen[i], lens[i] = targets[-1][0], len(ids)
+        plen[i], lens[i] = spans[-1][0], len(ids)
     return toks, mask, plen, lens
 
 
@@ -280,15 +316,18 @@ def score_counts(generated, tok, plen, pairs, new_tokens: int = NEW_TOKENS) -> d
 
 
 def score_text_product(lm_params, model_cfg, tok, maps, indices, max_len: int, *,
-                       field: str = "max_len", mesh=None, rules=()) -> dict:
+                       field: str = "max_len", mesh=None, rules=(), die_line: bool = False
+                       ) -> dict:
     """The LM alone, greedy, on the count sentence's prompt ("8.4% of the 2046 dies fail,
-    which is") of each map in maps[indices] with dies (the whole map, not its zones): the
-    product as text, without the image or the dialogue. -> {sentences, within_tol, exact}.
-    With `mesh` the greedy runs on it (under `rules`); the result is read on every process."""
+    which is", after its die count line with `die_line`) of each map in maps[indices] with
+    dies (the whole map, not its zones): the product as text, without the image or the
+    dialogue. -> {sentences, within_tol, exact}. With `mesh` the greedy runs on it (under
+    `rules`); the result is read on every process."""
     pairs = product_pairs(maps, indices, zones=False)
     if not len(pairs):
         return {"sentences": 0, "within_tol": None, "exact": None}
-    toks, _, plen, _ = encode_sentences(tok, pairs, max_len, int(tok.pad_token_id), field=field)
+    toks, _, plen, _ = encode_sentences(tok, pairs, max_len, int(tok.pad_token_id), field=field,
+                                        die_line=die_line)
     greedy = make_greedy(model_cfg, mesh=mesh)
     if mesh is None:
         out = greedy(lm_params, toks, plen)

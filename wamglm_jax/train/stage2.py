@@ -128,7 +128,7 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
                                     # "LM warm-up" (3,000 steps: 97.8% on text, then
                                     # worse answers after stage 2, one run)
         product_rehearsal=dict(weight=0.0, batch_size=32, zones=True, max_len=32, num_eval=500,
-                               pack=1),
+                               pack=1, die_line=False),
                                     # weight > 0: every stage-2 step adds weight x the LM's
                                     # loss on a batch of the warm-up's product sentences (text
                                     # only) to the dialogue loss, one objective and one clipped
@@ -141,7 +141,10 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
                                     # pack > 1: rows of `pack` sentences (batch_size rows a
                                     # step; max_len up to 30 x pack + 2), so the product is not
                                     # learnt only right after BOS (README "The product,
-                                    # text alone"; packed rehearsal not yet run)
+                                    # text alone"; packed rehearsal not yet run).
+                                    # die_line: each sentence after its die count line, "The
+                                    # wafer has N dies.", the copied N in the loss too, as the
+                                    # answers copy it (max_len up to 38 x pack + 2; not yet run)
         align=dict(num_steps=0, learning_rate=1e-3, log_every=20),
         eval=dict(split="val", num_maps=200, max_new_tokens=96, batch_size=16, num_examples=3,
                   baseline=True),
@@ -323,13 +326,14 @@ def heldout_split(s2, splits):
 
 
 def score_heldout_products(lm_params, model_cfg, tok, splits, name, num, max_len, seed, field,
-                           mesh, rules) -> dict:
+                           mesh, rules, die_line: bool = False) -> dict:
     """lm_warmup.score_text_product on a seeded sample of `num` maps of splits[name] (as the
     QA evaluation draws its maps)."""
     held = splits[name].maps
     pick = np.random.default_rng(seed + 99).permutation(len(held))[:num]
     return lm_warmup.score_text_product(lm_params, model_cfg, tok, held, sorted(pick), max_len,
-                                        field=field, mesh=mesh, rules=rules)
+                                        field=field, mesh=mesh, rules=rules,
+                                        die_line=die_line)
 
 
 def warm_up_lm(s2, params, model_cfg, tok, splits, train_indices, *, workdir, mesh, rules,
@@ -390,16 +394,16 @@ def rehearse_products(s2, dialogue_batches, tok, splits, train_indices, seed):
     rows = lm_warmup.pack_pairs(pairs, int(r.pack), seed + 17)        # int[M/K,K,2]
     toks, mask, _, lens = lm_warmup.encode_sentences(
         tok, rows, int(r.max_len), int(tok.pad_token_id),
-        field="config.stage2.product_rehearsal.max_len")
+        field="config.stage2.product_rehearsal.max_len", die_line=bool(r.die_line))
     sentences = lm_warmup.SentenceBatches(toks, mask, lens, global_batch_size=int(r.batch_size),
                                           seed=seed + 13, process_index=jax.process_index(),
                                           process_count=jax.process_count())
-    logging.info("stage2: product rehearsal on %d sentences (zones %s) in rows of %d, %d rows "
-                 "per step, weight %.2f", rows.size // 2, bool(r.zones), int(r.pack),
-                 int(r.batch_size), float(r.weight))
+    logging.info("stage2: product rehearsal on %d sentences (zones %s, die line %s) in rows "
+                 "of %d, %d rows per step, weight %.2f", rows.size // 2, bool(r.zones),
+                 bool(r.die_line), int(r.pack), int(r.batch_size), float(r.weight))
     return (lm_warmup.WithSentences(dialogue_batches, sentences),
             dict(weight=float(r.weight), sentences=rows.size // 2, batch_size=int(r.batch_size),
-                 zones=bool(r.zones), pack=int(r.pack)))
+                 zones=bool(r.zones), pack=int(r.pack), die_line=bool(r.die_line)))
 
 
 def score_rehearsal(s2, lm_params, model_cfg, tok, splits, seed, mesh, rules) -> dict:
@@ -412,7 +416,8 @@ def score_rehearsal(s2, lm_params, model_cfg, tok, splits, seed, mesh, rules) ->
         return {}
     scored = score_heldout_products(lm_params, model_cfg, tok, splits, name, int(r.num_eval),
                                     int(r.max_len), seed,
-                                    "config.stage2.product_rehearsal.max_len", mesh, rules)
+                                    "config.stage2.product_rehearsal.max_len", mesh, rules,
+                                    die_line=bool(r.die_line))
     if scored["sentences"]:
         logging.info("stage2: after the rehearsed stage 2 the LM alone writes the count within "
                      "tolerance on %.1f%% of %d held-out sentences (exact %.1f%%)",
