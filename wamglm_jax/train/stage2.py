@@ -141,7 +141,7 @@ def default_stage2_config(**overrides) -> ml_collections.ConfigDict:
                                     # pack > 1: rows of `pack` sentences (batch_size rows a
                                     # step; max_len up to 30 x pack + 2), so the product is not
                                     # learnt only right after BOS (README "The product,
-                                    # text alone"; packed rehearsal not yet run).
+                                    # text alone"; packed, one run: product 57.9%, copy 0.6%).
                                     # die_line: each sentence after its die count line, "The
                                     # wafer has N dies.", the copied N in the loss too, as the
                                     # answers copy it (max_len up to 38 x pack + 2; not yet run)
