@@ -49,7 +49,7 @@ from wamglm_jax.models.decoder import Decoder
 from wamglm_jax.qa.tokenizer import train_tokenizer
 from wamglm_jax.train.lm_warmup import (SentenceBatches, encode_sentences, make_greedy,
                                         pack_pairs, product_pairs, score_counts,
-                                        sentence_segments)
+                                        sentence_text)
 from wamglm_jax.train.optim import make_optimizer
 
 
@@ -118,8 +118,8 @@ def main(argv=None) -> dict:
         ap.error(f"--pack={args.pack}: the {args.num_maps} maps give {len(train_pairs)} "
                  "sentences, fewer than one row")
     eval_pairs = count_pairs(args.num_eval, args.seed + 1000)
-    tok = train_tokenizer(["".join(t for t, _ in sentence_segments(f, n, args.die_line))
-                           for f, n in train_pairs], vocab_size=config.stage2.vocab_size)
+    tok = train_tokenizer([sentence_text(f, n, args.die_line) for f, n in train_pairs],
+                          vocab_size=config.stage2.vocab_size)
     per_sentence = SENTENCE_TOKENS + LINE_TOKENS * args.die_line
     rows_train = pack_pairs(train_pairs, args.pack, args.seed)    # int[M/K,K,2]
     train_toks, train_mask, _, train_len = encode_sentences(

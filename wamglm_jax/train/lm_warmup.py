@@ -150,6 +150,11 @@ def sentence_segments(failing: int, total: int, die_line: bool = False
             (f" {rest}", False), (target, True)]
 
 
+def sentence_text(failing: int, total: int, die_line: bool = False) -> str:
+    """The whole sentence of sentence_segments (its pieces joined)."""
+    return "".join(t for t, _ in sentence_segments(failing, total, die_line))
+
+
 def _segment_ids(tok, segments) -> list[tuple[list[int], bool]]:
     """Each segment's ids, tokenized as part of the whole sentence; ValueError when the
     tokenizer merges tokens across a segment boundary (the loss would cover the wrong ids)."""
@@ -194,8 +199,7 @@ def encode_sentences(tok, pairs, max_len: int, pad_id: int = 0, field: str = "ma
                 ids += seg
         ids.append(tok.eos_token_id)
         if len(ids) > max_len:
-            text = " ".join("".join(t for t, _ in sentence_segments(f, n, die_line))
-                            for f, n in row)
+            text = " ".join(sentence_text(f, n, die_line) for f, n in row)
             raise ValueError(f"{text!r}: {len(ids)} tokens > {field}={max_len}")
         toks[i, :len(ids)] = ids
         for a, b in spans:
